@@ -1,0 +1,6 @@
+"""Omni-Attribute: open-vocabulary attribute encoder for visual concept personalization.
+
+The library is importable without ComfyUI; ComfyUI glue lives in the plugin's ``nodes/``.
+"""
+
+__version__ = "0.1.0"

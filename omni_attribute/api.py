@@ -1,0 +1,139 @@
+"""Client for ComfyUI's HTTP API and websocket: queue API-format prompts, follow them, fetch outputs.
+
+Used by the tests, the demo and headless runs. Errors from the server are turned into
+exceptions whose message names the node and what ComfyUI said.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import websocket  # websocket-client
+
+
+class ComfyError(RuntimeError):
+    """The server rejected or failed a prompt."""
+
+
+class PromptRejected(ComfyError):
+    def __init__(self, reply: dict):
+        self.reply = reply
+        super().__init__(format_rejection(reply))
+
+
+class ExecutionFailed(ComfyError):
+    def __init__(self, data: dict):
+        self.data = data
+        super().__init__(
+            f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+            f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}"
+        )
+
+
+def format_rejection(reply: dict) -> str:
+    error = reply.get("error") or {}
+    lines = [f"prompt rejected: {error.get('message', '')} {error.get('details', '')}".rstrip()]
+    for node_id, entry in (reply.get("node_errors") or {}).items():
+        for item in entry.get("errors", []):
+            lines.append(f"  node {node_id} ({entry.get('class_type')}): {item.get('message')}: {item.get('details')}")
+    return "\n".join(lines)
+
+
+class ComfyClient:
+    def __init__(self, server: str = "http://127.0.0.1:8188", timeout: float = 600.0):
+        self.server = server.rstrip("/")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+
+    # ---- plain HTTP ---------------------------------------------------------------------
+    def _request(self, path: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
+        request = urllib.request.Request(self.server + path, data=data, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.read()
+
+    def get_json(self, path: str):
+        return json.loads(self._request(path))
+
+    def post_json(self, path: str, payload: dict):
+        return json.loads(self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"}))
+
+    def object_info(self) -> dict:
+        return self.get_json("/object_info")
+
+    def history(self, prompt_id: str) -> dict:
+        return self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+
+    def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
+        query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
+        return self._request(f"/view?{query}")
+
+    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True) -> str:
+        """Upload to the server's input folder; returns the name to put in a LoadImage node."""
+        path = Path(path)
+        boundary = uuid.uuid4().hex
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        fields = {"overwrite": "true" if overwrite else "false", "subfolder": subfolder, "type": "input"}
+        body = b""
+        for key, value in fields.items():
+            body += f"--{boundary}\r\nContent-Disposition: form-data; name=\"{key}\"\r\n\r\n{value}\r\n".encode()
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                 f"Content-Type: {content_type}\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        reply = json.loads(self._request("/upload/image", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}))
+        return f"{reply['subfolder']}/{reply['name']}" if reply.get("subfolder") else reply["name"]
+
+    # ---- prompts ------------------------------------------------------------------------
+    def queue(self, prompt: dict) -> str:
+        try:
+            reply = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                raise PromptRejected(json.loads(body)) from None
+            except json.JSONDecodeError:
+                raise ComfyError(f"POST /prompt answered {exc.code}: {body[:500]!r}") from None
+        return reply["prompt_id"]
+
+    def run(self, prompt: dict, on_event: Callable[[str, dict], None] | None = None) -> dict:
+        """Queue a prompt, follow it on the websocket until it ends, return its history entry."""
+        ws = websocket.create_connection(
+            self.server.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}", timeout=self.timeout)
+        try:
+            prompt_id = self.queue(prompt)
+            self._follow(ws, prompt_id, on_event)
+        finally:
+            ws.close()
+        return self.history(prompt_id)
+
+    def _follow(self, ws, prompt_id: str, on_event) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            frame = ws.recv()
+            if not isinstance(frame, str):
+                continue  # binary preview images
+            message = json.loads(frame)
+            kind, data = message.get("type"), message.get("data") or {}
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if on_event:
+                on_event(kind, data)
+            if kind == "execution_error":
+                raise ExecutionFailed(data)
+            if kind == "execution_interrupted":
+                raise ComfyError(f"prompt {prompt_id} was interrupted at node {data.get('node_id')}")
+            if kind == "execution_success" or (kind == "executing" and data.get("node") is None
+                                               and data.get("prompt_id") == prompt_id):
+                return
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {self.timeout:.0f}s")
+
+
+def node_outputs(history_entry: dict, key: str) -> list[dict]:
+    """All items under ``key`` (e.g. 'images') in the outputs of a finished prompt."""
+    return [item for out in history_entry.get("outputs", {}).values() for item in out.get(key, [])]

@@ -1,0 +1,94 @@
+"""Tiny configurations of the real architectures, for tests, the demo and the tiny attribute world.
+
+They are real transformers / ComfyUI models, only small: a Qwen2.5-VL with 2 layers of width 64
+and the real Qwen2.5 tokenizer (ComfyUI ships it in comfy/text_encoders/qwen25_tokenizer).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .adapter_file import AdapterMetadata
+from .connector import ConnectorConfig
+from .lora import DEFAULT_TARGETS
+from .prompt import DEFAULT_TEMPLATE
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def comfyui_tokenizer_dir() -> Path:
+    from .comfy_host import comfyui_root
+
+    return comfyui_root() / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2):
+    from transformers import Qwen2_5_VLConfig
+
+    heads = 4
+    head_dim = hidden_size // heads
+    section = head_dim // 2  # mrope sections (temporal, height, width) must add up to head_dim / 2
+    mrope = [section - 2 * (section // 3), section // 3, section // 3]
+    return Qwen2_5_VLConfig(
+        vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_scaling={"type": "mrope", "mrope_section": mrope}, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+        vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
+        image_token_id=151655, video_token_id=151656,
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": hidden_size,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+            "fullatt_block_indexes": [1],
+        },
+    )
+
+
+def make_tiny_backbone_folder(folder: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                              tokenizer_dir: str | Path | None = None) -> Path:
+    """Write an HF-format tiny Qwen2.5-VL folder (config.json, model.safetensors, tokenizer files)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config(hidden_size, layers))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    source = Path(tokenizer_dir) if tokenizer_dir else comfyui_tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+def tiny_adapter_metadata(backbone_info: dict, out_dim: int = 64, num_tokens: int = 4,
+                          generator: dict | None = None) -> AdapterMetadata:
+    return AdapterMetadata(
+        backbone=backbone_info,
+        lora={"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": DEFAULT_TARGETS},
+        connector=ConnectorConfig(in_dim=backbone_info["hidden_size"], out_dim=out_dim, num_tokens=num_tokens,
+                                  width=32, num_layers=2, num_heads=2),
+        prompt_template=DEFAULT_TEMPLATE,
+        image={"min_pixels": 28 * 28, "max_pixels": 112 * 112},
+        generator=generator,
+        training={"note": "untrained tiny fixture: random connector and LoRA"},
+    )
+
+
+def make_untrained_adapter(backbone_folder: str | Path, adapter_path: str | Path, seed: int = 0,
+                           out_dim: int = 64, num_tokens: int = 4) -> Path:
+    """A randomly initialised adapter for a tiny backbone (LoRA B randomised too, so LoRA acts)."""
+    from .backbone import load_backbone
+    from .encoder import build_encoder
+
+    backbone = load_backbone(backbone_folder)
+    torch.manual_seed(seed)
+    encoder = build_encoder(backbone, tiny_adapter_metadata(backbone.info(), out_dim, num_tokens))
+    with torch.no_grad():
+        for name, param in encoder.mllm.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.02)
+    encoder.save_adapter(adapter_path)
+    return Path(adapter_path)

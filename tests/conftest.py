@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny real Qwen2.5-VL folder (real Qwen2.5 tokenizer from ComfyUI) and adapters for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omni_attribute.tiny import comfyui_tokenizer_dir, make_tiny_backbone_folder, make_untrained_adapter
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return comfyui_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory, tokenizer_dir) -> Path:
+    return make_tiny_backbone_folder(tmp_path_factory.mktemp("backbones") / "tiny-qwen25vl", seed=0,
+                                     tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_backbone, tmp_path_factory) -> Path:
+    return make_untrained_adapter(tiny_backbone, tmp_path_factory.mktemp("adapters") / "tiny.safetensors", seed=1)
+
+
+@pytest.fixture(scope="session")
+def narrow_backbone(tmp_path_factory, tokenizer_dir) -> Path:
+    """A second tiny backbone of another hidden size (32), for mismatch tests."""
+    return make_tiny_backbone_folder(tmp_path_factory.mktemp("backbones") / "tiny-qwen25vl-32", seed=2,
+                                     hidden_size=32, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def narrow_adapter(narrow_backbone, tmp_path_factory) -> Path:
+    return make_untrained_adapter(narrow_backbone, tmp_path_factory.mktemp("adapters") / "narrow.safetensors", seed=3)

@@ -1,0 +1,96 @@
+"""A live ComfyUI 0.3.75 server with the plugin and the test node pack linked, and model files laid out.
+
+Models (made on the fly, tiny but real): models/omni_attribute_backbones/{tiny-qwen25vl, no-weights},
+a second backbone root added through --extra-model-paths-config (to show the plugin keeps it),
+and adapters in models/omni_attribute: a good one, one for another hidden size, a truncated one
+and a foreign safetensors file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from omni_attribute.api import ComfyClient
+from omni_attribute.comfy_host import ComfyServer
+
+FIXTURE_NODES = Path(__file__).resolve().parent.parent / "fixtures" / "comfy_test_nodes"
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter) -> Path:
+    base = tmp_path_factory.mktemp("comfy-base")
+    backbones = base / "models" / "omni_attribute_backbones"
+    backbones.mkdir(parents=True)
+    shutil.copytree(tiny_backbone, backbones / "tiny-qwen25vl")
+    no_weights = backbones / "no-weights"
+    shutil.copytree(tiny_backbone, no_weights)
+    for weights in no_weights.glob("*.safetensors"):
+        weights.unlink()
+    adapters = base / "models" / "omni_attribute"
+    adapters.mkdir(parents=True)
+    shutil.copy(tiny_adapter, adapters / "tiny.safetensors")
+    shutil.copy(narrow_adapter, adapters / "hidden32.safetensors")
+    (adapters / "truncated.safetensors").write_bytes(Path(tiny_adapter).read_bytes()[:4096])
+    save_file({"image_proj.weight": torch.zeros(2, 2)}, str(adapters / "other_pack_ip_adapter.safetensors"))
+    extra = tmp_path_factory.mktemp("user-models")
+    (extra / "qwen").mkdir()
+    shutil.copytree(tiny_backbone, extra / "qwen" / "user-qwen")
+    (base / "extra_model_paths.yaml").write_text(
+        f"user_models:\n  base_path: {extra}\n  omni_attribute_backbones: qwen\n")
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    server = ComfyServer(comfy_base, custom_nodes={"omni_attribute_test_nodes": FIXTURE_NODES},
+                         extra_args=["--extra-model-paths-config", str(comfy_base / "extra_model_paths.yaml")])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(comfy_server) -> ComfyClient:
+    return ComfyClient(comfy_server.url, timeout=300)
+
+
+def encode_graph(image: dict, attributes: str = "object color", backbone: str = "tiny-qwen25vl",
+                 adapter: str = "tiny.safetensors", prefix: str = "test") -> dict:
+    """API-format prompt: image source node '1' → Load encoder '2' → Encode '3' → Save '4'."""
+    return {
+        "1": image,
+        "2": {"class_type": "OmniAttributeEncoderLoader",
+              "inputs": {"backbone": backbone, "adapter": adapter, "dtype": "auto", "device": "default"}},
+        "3": {"class_type": "OmniAttributeEncode", "inputs": {"encoder": ["2", 0], "image": ["1", 0], "attributes": attributes}},
+        "4": {"class_type": "OmniAttributeSaveEmbeds", "inputs": {"embeds": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_image(width=64, height=64, channels=3, batch=1, seed=0, poison_nan=False) -> dict:
+    return {"class_type": "OmniTestImage", "inputs": {"width": width, "height": height, "channels": channels,
+                                                      "batch": batch, "seed": seed, "poison_nan": poison_nan}}
+
+
+def fetch_embeds(client, history: dict, tmp_path: Path):
+    from omni_attribute.api import node_outputs
+    from omni_attribute.embeds import load_embeds
+
+    (item,) = node_outputs(history, "omni_attribute_embeds")
+    local = tmp_path / item["filename"]
+    local.write_bytes(client.view(item["filename"], item["subfolder"], item["type"]))
+    return load_embeds(local), item
+
+
+@pytest.fixture(scope="session")
+def graphs():
+    """The prompt helpers above, for test modules (conftest modules are not importable by name)."""
+    class Graphs:
+        encode = staticmethod(encode_graph)
+        image = staticmethod(test_image)
+        fetch = staticmethod(fetch_embeds)
+    return Graphs

@@ -1,0 +1,63 @@
+"""Load + Encode + Save through the live server's HTTP API and websocket; results read back via /view."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from omni_attribute.encoder import load_encoder
+
+pytestmark = pytest.mark.host
+
+
+def test_encode_through_the_api_matches_the_library(client, graphs, tiny_backbone, tiny_adapter, tmp_path):
+    rng = np.random.default_rng(0)
+    png = tmp_path / "reference.png"
+    Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(png)
+    name = client.upload_image(png)
+    events = []
+    history = client.run(graphs.encode({"class_type": "LoadImage", "inputs": {"image": name}},
+                                       attributes="object color\nbackground, lighting"),
+                         on_event=lambda kind, data: events.append(kind))
+    embeds, item = graphs.fetch(client, history, tmp_path)
+    assert item["subfolder"] == "omni_attribute_embeds" and item["filename"].endswith(".safetensors")
+    assert embeds.attributes == ["object color", "background, and lighting"]
+    assert embeds.tokens.shape == (2, 4, 64)
+    assert "progress" in events and "executed" in events
+
+    # the same computation in-process, with the image as ComfyUI's LoadImage decodes it
+    image = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0)[None]
+    expected = load_encoder(tiny_backbone, tiny_adapter).encode(image, "object color\nbackground, lighting")
+    assert torch.allclose(embeds.tokens, expected.tokens, atol=1e-5)
+    assert torch.allclose(embeds.pooled, expected.pooled, atol=1e-5)
+    summary = [text for out in history["outputs"].values() for text in out.get("text", [])]
+    assert summary and "object color" in summary[0]
+
+
+def test_saved_embeds_load_back_without_the_encoder(client, graphs, tmp_path):
+    first, item = graphs.fetch(client, client.run(graphs.encode(graphs.image(seed=3), prefix="reuse")), tmp_path)
+    prompt = {
+        "1": {"class_type": "OmniAttributeLoadEmbeds", "inputs": {"embeds_file": item["filename"]}},
+        "2": {"class_type": "OmniAttributeSaveEmbeds", "inputs": {"embeds": ["1", 0], "filename_prefix": "copy"}},
+    }
+    second, item2 = graphs.fetch(client, client.run(prompt), tmp_path)
+    assert item2["filename"] != item["filename"]
+    assert torch.equal(first.tokens, second.tokens) and first.attributes == second.attributes
+
+
+def test_counter_advances_instead_of_overwriting(client, graphs, tmp_path):
+    names = {graphs.fetch(client, client.run(graphs.encode(graphs.image(seed=s), prefix="counter")), tmp_path)[1]["filename"]
+             for s in (10, 11)}
+    assert len(names) == 2
+
+
+def test_backbone_from_the_users_extra_model_paths_encodes(client, graphs, tmp_path):
+    info = client.object_info()["OmniAttributeEncoderLoader"]["input"]["required"]["backbone"][1]["options"]
+    user = next(name for name in info if name.endswith("user-qwen"))
+    embeds, _ = graphs.fetch(client, client.run(graphs.encode(graphs.image(), backbone=user)), tmp_path)
+    assert embeds.tokens.shape == (1, 4, 64)
+
+
+def test_batch_of_images_gives_one_row_per_image_and_line(client, graphs, tmp_path):
+    embeds, _ = graphs.fetch(client, client.run(graphs.encode(graphs.image(batch=3), attributes="shape\ncolor")), tmp_path)
+    assert embeds.image_index == [0, 0, 1, 1, 2, 2]

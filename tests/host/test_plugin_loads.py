@@ -1,0 +1,43 @@
+"""The plugin as ComfyUI sees it: /object_info and the start-up log."""
+
+import pytest
+
+pytestmark = pytest.mark.host
+
+EXPECTED = {
+    "OmniAttributeEncoderLoader": ({"backbone", "adapter", "dtype", "device"}, ["OMNI_ATTRIBUTE_ENCODER"]),
+    "OmniAttributeEncode": ({"encoder", "image", "attributes"}, ["OMNI_ATTRIBUTE_EMBEDS"]),
+    "OmniAttributeSaveEmbeds": ({"embeds", "filename_prefix"}, []),
+    "OmniAttributeLoadEmbeds": ({"embeds_file"}, ["OMNI_ATTRIBUTE_EMBEDS"]),
+}
+
+
+def test_object_info_lists_every_node_with_its_sockets(client):
+    info = client.object_info()
+    ours = {name for name, node in info.items() if node.get("category") == "Omni-Attribute"}
+    assert ours == set(EXPECTED)
+    for name, (inputs, outputs) in EXPECTED.items():
+        node = info[name]
+        assert set(node["input"]["required"]) == inputs, name
+        assert node["output"] == outputs, name
+    assert info["OmniAttributeSaveEmbeds"]["output_node"] is True
+    assert info["OmniAttributeEncode"]["input"]["required"]["image"][0] == "IMAGE"
+
+
+def test_model_folders_are_listed_and_user_paths_kept(client):
+    loader = client.object_info()["OmniAttributeEncoderLoader"]["input"]["required"]
+    backbones = loader["backbone"][1]["options"]
+    assert {"tiny-qwen25vl", "no-weights", "qwen/user-qwen"} <= set(backbones) or \
+           {"tiny-qwen25vl", "no-weights", "user-qwen"} <= set(backbones)
+    assert set(loader["adapter"][1]["options"]) == {"tiny.safetensors", "hidden32.safetensors",
+                                                    "truncated.safetensors", "other_pack_ip_adapter.safetensors"}
+
+
+def test_log_shows_the_plugin_imported_cleanly(comfy_server):
+    log = comfy_server.log_text().split("Starting server")[0]  # start-up only; later prompts fail on purpose
+    plugin_lines = [line for line in log.splitlines() if "comfyui-omni-attribute" in line]
+    assert plugin_lines, "the plugin does not appear in ComfyUI's import list"
+    assert not [line for line in plugin_lines if "IMPORT FAILED" in line or "Cannot import" in line], plugin_lines
+    # ComfyUI's optional core extras (kornia, spandrel, torchaudio) may fail; no traceback may touch custom nodes
+    tracebacks = log.split("Traceback (most recent call last):")[1:]
+    assert not [t for t in tracebacks if "custom_nodes" in t.split("\n\n")[0]], tracebacks

@@ -1,0 +1,114 @@
+"""The encoder on a tiny real Qwen2.5-VL (transformers) with the real Qwen2.5 tokenizer."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from omni_attribute.backbone import load_backbone
+from omni_attribute.encoder import build_encoder, load_encoder
+from omni_attribute.errors import AdapterMismatchError, BackboneError, ImageInputError
+from omni_attribute.tiny import tiny_adapter_metadata
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_backbone, tiny_adapter):
+    return load_encoder(tiny_backbone, tiny_adapter)
+
+
+def test_shared_prefix_equals_full_passes(encoder):
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 70, 90)
+    instructions = encoder.instructions_for([["object color"], ["man identity", "man hairstyle", "background"],
+                                             ["the colour of the object under warm evening light"]])
+    with torch.no_grad():
+        shared, shared_pooled = encoder.encode_image(image, instructions, shared_prefix=True)
+        full, full_pooled = encoder.encode_image(image, instructions, shared_prefix=False)
+    assert shared.shape == (3, 4, 64)
+    assert torch.allclose(shared, full, atol=1e-4), (shared - full).abs().max()
+    assert torch.allclose(shared_pooled, full_pooled, atol=1e-4)
+
+
+def test_rows_are_image_major_and_depend_on_image_and_attribute(encoder):
+    torch.manual_seed(1)
+    images = torch.rand(2, 64, 64, 3)
+    embeds = encoder.encode(images, "object color\nbackground, lighting")
+    assert embeds.tokens.shape == (4, 4, 64) and embeds.pooled.shape == (4, 64)
+    assert embeds.image_index == [0, 0, 1, 1]
+    assert embeds.attributes == ["object color", "background, and lighting"] * 2
+    assert not torch.allclose(embeds.pooled[0], embeds.pooled[1], atol=1e-4)  # same image, other attribute
+    assert not torch.allclose(embeds.pooled[0], embeds.pooled[2], atol=1e-4)  # other image, same attribute
+    single = encoder.encode(images[1:], "object color")
+    assert torch.allclose(single.tokens[0], embeds.tokens[2], atol=1e-5)
+
+
+def test_adapter_round_trip_and_lora_acts(tiny_backbone, tiny_adapter, encoder, tmp_path):
+    image = torch.rand(1, 48, 48, 3)
+    reference = encoder.encode(image, "object color").tokens
+    again = load_encoder(tiny_backbone, tiny_adapter).encode(image, "object color").tokens
+    assert torch.equal(reference, again)
+    copy = tmp_path / "copy.safetensors"
+    encoder.save_adapter(copy)
+    assert torch.equal(load_encoder(tiny_backbone, copy).encode(image, "object color").tokens, reference)
+    without_lora = load_encoder(tiny_backbone, tiny_adapter)
+    with torch.no_grad():
+        for name, param in without_lora.mllm.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()
+    assert not torch.allclose(without_lora.encode(image, "object color").tokens, reference, atol=1e-5)
+
+
+def test_lora_targets_only_the_language_model(encoder):
+    names = [n for n, _ in encoder.mllm.named_parameters() if ".lora_A." in n]
+    assert len(names) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(n.startswith("model.language_model.") for n in names)
+    assert not any(p.requires_grad for n, p in encoder.mllm.named_parameters() if ".lora_" not in n)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32, 4), (1, 32, 32, 1), (1, 1, 1, 3), (1, 1500, 1400, 3), (1, 20, 600, 3)])
+def test_odd_images_are_adapted(encoder, shape):
+    embeds = encoder.encode(torch.rand(shape), "object color")
+    assert embeds.tokens.shape == (1, 4, 64) and torch.isfinite(embeds.tokens).all()
+
+
+def test_rgba_alpha_is_ignored(encoder):
+    rgb = torch.rand(1, 40, 40, 3)
+    rgba = torch.cat([rgb, torch.rand(1, 40, 40, 1)], dim=-1)
+    assert torch.equal(encoder.encode(rgb, "object color").tokens, encoder.encode(rgba, "object color").tokens)
+
+
+def test_extreme_aspect_ratio_is_refused(encoder):
+    with pytest.raises(ImageInputError, match="aspect ratio"):
+        encoder.encode(torch.rand(1, 2, 1000, 3), "object color")
+
+
+def test_mismatched_adapter_fails_before_loading_weights(tiny_backbone, narrow_adapter):
+    with pytest.raises(AdapterMismatchError, match="hidden size 32, backbone has 64"):
+        load_encoder(tiny_backbone, narrow_adapter)
+
+
+def test_backbone_folder_errors(tmp_path, tiny_backbone):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneError, match="no config.json"):
+        load_backbone(tmp_path / "empty")
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(BackboneError, match="supports qwen2_5_vl"):
+        load_backbone(llava)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_backbone, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(BackboneError, match="no \\*.safetensors weights"):
+        load_backbone(pickled)
+
+
+def test_build_encoder_starts_with_zero_lora(tiny_backbone):
+    backbone = load_backbone(tiny_backbone)
+    fresh = build_encoder(backbone, tiny_adapter_metadata(backbone.info()))
+    lora_b = [p for n, p in fresh.mllm.named_parameters() if ".lora_B." in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
