@@ -110,7 +110,16 @@ class ComfyClient:
             self._follow(ws, prompt_id, on_event)
         finally:
             ws.close()
-        return self.history(prompt_id)
+        return self._wait_for_history(prompt_id)
+
+    def _wait_for_history(self, prompt_id: str, seconds: float = 30.0) -> dict:
+        """The server announces success just before it files the prompt's history: poll briefly."""
+        deadline = time.monotonic() + seconds
+        while True:
+            entry = self.history(prompt_id)
+            if entry.get("status", {}).get("completed") or time.monotonic() > deadline:
+                return entry
+            time.sleep(0.05)
 
     def _follow(self, ws, prompt_id: str, on_event) -> None:
         deadline = time.monotonic() + self.timeout
@@ -137,3 +146,29 @@ class ComfyClient:
 def node_outputs(history_entry: dict, key: str) -> list[dict]:
     """All items under ``key`` (e.g. 'images') in the outputs of a finished prompt."""
     return [item for out in history_entry.get("outputs", {}).values() for item in out.get(key, [])]
+
+
+def load_workflow(path: str | Path) -> dict:
+    """Read an API-format workflow; refuse UI-format files with a hint."""
+    data = json.loads(Path(path).read_text())
+    if "nodes" in data and "links" in data:
+        raise ValueError(f"{path} is a UI-format workflow (drag-and-drop); headless runs need the API format "
+                         "(*.api.json, or 'Export (API)' in ComfyUI)")
+    return data
+
+
+def set_inputs(prompt: dict, assignments: dict[str, object]) -> dict:
+    """Apply ``{"NODE.INPUT": value}`` overrides (NODE is the node id or its _meta title)."""
+    for target, value in assignments.items():
+        node_ref, _, name = target.partition(".")
+        matches = [nid for nid, node in prompt.items()
+                   if nid == node_ref or node.get("_meta", {}).get("title") == node_ref]
+        if len(matches) != 1 or not name:
+            raise KeyError(f"--set {target}: expected NODE.INPUT where NODE is one node id or title "
+                           f"(ids: {', '.join(prompt)})")
+        inputs = prompt[matches[0]].setdefault("inputs", {})
+        if name not in inputs:
+            raise KeyError(f"--set {target}: node {matches[0]} ({prompt[matches[0]].get('class_type')}) has no input "
+                           f"{name!r}; it has {', '.join(inputs)}")
+        inputs[name] = value
+    return prompt

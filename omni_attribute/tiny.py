@@ -25,7 +25,7 @@ def comfyui_tokenizer_dir() -> Path:
     return comfyui_root() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
-def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2):
+def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2):
     from transformers import Qwen2_5_VLConfig
 
     heads = 4
@@ -40,22 +40,25 @@ def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2):
         vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
         image_token_id=151655, video_token_id=151656,
         vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": hidden_size,
+            "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
+            "num_heads": 2, "out_hidden_size": hidden_size,
             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-            "fullatt_block_indexes": [1],
+            "fullatt_block_indexes": [vision_depth - 1],
         },
     )
 
 
 def make_tiny_backbone_folder(folder: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                              tokenizer_dir: str | Path | None = None) -> Path:
+                              tokenizer_dir: str | Path | None = None, vision_hidden: int = 32,
+                              vision_depth: int = 2) -> Path:
     """Write an HF-format tiny Qwen2.5-VL folder (config.json, model.safetensors, tokenizer files)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config(hidden_size, layers))
+    model = Qwen2_5_VLForConditionalGeneration(
+        tiny_qwen25vl_config(hidden_size, layers, vision_hidden, vision_depth))
     model.save_pretrained(str(folder), safe_serialization=True)
     source = Path(tokenizer_dir) if tokenizer_dir else comfyui_tokenizer_dir()
     for name in TOKENIZER_FILES:

@@ -28,7 +28,9 @@ else
 fi
 
 # This checkout, editable, without touching the pinned dependencies.
-"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" >&2
+log="$cache/editable-install.log"
+"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" >"$log" 2>&1 \
+  || { cat "$log" >&2; echo "[setup] installing this checkout failed (log above)" >&2; exit 1; }
 
 # The ComfyUI host (COMFYUI_ROOT wins when set).
 "$venv/bin/python" -m omni_attribute.comfy_host provision >&2

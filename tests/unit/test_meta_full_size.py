@@ -5,11 +5,12 @@ from pathlib import Path
 
 import torch
 
+import omni_attribute
 from omni_attribute.backbone import load_backbone
 from omni_attribute.connector import Connector, ConnectorConfig
 from omni_attribute.lora import DEFAULT_LORA, DEFAULT_TARGETS, apply_lora, count_lora_targets
 
-CONFIG = Path(__file__).resolve().parent.parent / "data" / "qwen2_5_vl_7b_instruct_config.json"
+CONFIG = Path(omni_attribute.__file__).parent / "configs" / "qwen2_5_vl_7b_instruct.json"
 
 
 def test_qwen25vl_7b_lora_and_connector_on_meta(tmp_path, tokenizer_dir):
