@@ -5,12 +5,14 @@ from comfy_api.latest import ComfyExtension, io
 from . import folders
 from .embeds_nodes import LoadOmniAttributeEmbeds, SaveOmniAttributeEmbeds
 from .encoder_nodes import LoadOmniAttributeEncoder, OmniAttributeEncode
+from .ip_nodes import ApplyOmniAttribute
 
 NODES: list[type[io.ComfyNode]] = [
     LoadOmniAttributeEncoder,
     OmniAttributeEncode,
     SaveOmniAttributeEmbeds,
     LoadOmniAttributeEmbeds,
+    ApplyOmniAttribute,
 ]
 
 

@@ -80,18 +80,38 @@ def tiny_adapter_metadata(backbone_info: dict, out_dim: int = 64, num_tokens: in
     )
 
 
+def generator_metadata(layout, ip_config) -> dict:
+    """The adapter file's ``generator`` entry: the DiT layout and where the IP-Adapter sits."""
+    return {"family": "flux", "layout": layout.to_dict(), "ip": ip_config.to_dict()}
+
+
 def make_untrained_adapter(backbone_folder: str | Path, adapter_path: str | Path, seed: int = 0,
-                           out_dim: int = 64, num_tokens: int = 4) -> Path:
-    """A randomly initialised adapter for a tiny backbone (LoRA B randomised too, so LoRA acts)."""
+                           out_dim: int = 64, num_tokens: int = 4, generator_layout=None,
+                           ip_blocks: tuple[str, str] = ("all", "all")) -> Path:
+    """A randomly initialised adapter for a tiny backbone (LoRA B and IP values randomised too, so they act).
+
+    With ``generator_layout`` (a FluxLayout) it carries IP-Adapter weights for that DiT.
+    """
     from .backbone import load_backbone
     from .encoder import build_encoder
+    from .ip_adapter import IPAdapter, IPAdapterConfig
 
     backbone = load_backbone(backbone_folder)
     torch.manual_seed(seed)
-    encoder = build_encoder(backbone, tiny_adapter_metadata(backbone.info(), out_dim, num_tokens))
+    metadata = tiny_adapter_metadata(backbone.info(), out_dim, num_tokens)
+    ip = None
+    if generator_layout is not None:
+        config = IPAdapterConfig.for_layout(generator_layout, *ip_blocks, context_dim=out_dim)
+        metadata.generator = generator_metadata(generator_layout, config)
+        ip = IPAdapter(config)
+    encoder = build_encoder(backbone, metadata)
     with torch.no_grad():
         for name, param in encoder.mllm.named_parameters():
             if ".lora_B." in name:
                 param.normal_(0.0, 0.02)
-    encoder.save_adapter(adapter_path)
+        if ip is not None:
+            for name, param in ip.named_parameters():
+                if "to_v" in name:
+                    param.normal_(0.0, out_dim ** -0.5)
+    encoder.save_adapter(adapter_path, ip_adapter=dict(ip.state_dict()) if ip is not None else None)
     return Path(adapter_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 import torch
@@ -24,18 +23,9 @@ from omni_attribute.flux_models import (
 )
 
 
-def add_comfyui_to_path() -> None:
-    """Put the cached ComfyUI 0.3.75 root on sys.path so that ``import comfy`` works."""
-    from omni_attribute.comfy_host import comfyui_root
-
-    root = str(comfyui_root())
-    if root not in sys.path:
-        sys.path.append(root)  # appended: ComfyUI's top-level nodes.py must not shadow our nodes package
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _comfyui_on_path() -> None:
-    add_comfyui_to_path()
+def _comfyui_on_path(comfy_in_process) -> None:
+    """Every test here builds ComfyUI models in-process."""
 
 
 @pytest.fixture(scope="module")
