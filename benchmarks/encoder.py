@@ -10,12 +10,16 @@ taken in one run, interleaved, and reported as ratios to the single-attribute sh
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's library, whatever the venv points at
+
 import argparse
 import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 

@@ -73,6 +73,32 @@ def provision(cache: Path | None = None) -> Path:
     return root
 
 
+def add_comfyui_to_path(cpu: bool = True) -> None:
+    """Make ComfyUI importable in this process (for tests and benchmarks), in CPU mode by default;
+    must run before comfy.model_management is imported."""
+    root = str(comfyui_root())
+    if root not in sys.path:
+        sys.path.append(root)  # appended: ComfyUI's top-level nodes.py must not shadow the plugin's nodes package
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+
+
+def import_in_process(plugin_package: str = "omni_attribute_plugin", cpu: bool = True):
+    """ComfyUI importable in this process and this plugin folder imported as a package the way ComfyUI
+    imports custom nodes (so ``nodes/`` can use relative imports). Returns the plugin package module."""
+    import importlib.util
+
+    add_comfyui_to_path(cpu)
+    if plugin_package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(plugin_package, PLUGIN_DIR / "__init__.py",
+                                                      submodule_search_locations=[str(PLUGIN_DIR)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[plugin_package] = module
+        spec.loader.exec_module(module)
+    return sys.modules[plugin_package]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

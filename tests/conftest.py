@@ -39,30 +39,15 @@ def narrow_adapter(narrow_backbone, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_in_process() -> None:
-    """ComfyUI 0.3.75 importable in this process (CPU mode), for tests of the ComfyUI glue."""
-    import sys
+    """ComfyUI 0.3.75 importable in this process, in CPU mode, for tests of the ComfyUI glue."""
+    from omni_attribute.comfy_host import add_comfyui_to_path
 
-    from omni_attribute.comfy_host import comfyui_root
-
-    root = str(comfyui_root())
-    if root not in sys.path:
-        sys.path.append(root)  # appended: ComfyUI's top-level nodes.py must not shadow the plugin's nodes package
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    add_comfyui_to_path(cpu=True)
 
 
 @pytest.fixture(scope="session")
 def plugin(comfy_in_process):
     """The plugin folder imported as a package the way ComfyUI does (so nodes/ can use relative imports)."""
-    import importlib.util
-    import sys
+    from omni_attribute.comfy_host import import_in_process
 
-    name = "omni_attribute_plugin_under_test"
-    if name not in sys.modules:
-        root = Path(__file__).resolve().parent.parent
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_in_process("omni_attribute_plugin_under_test")

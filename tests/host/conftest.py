@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 from omni_attribute.api import ComfyClient
 from omni_attribute.comfy_host import ComfyServer
+from omni_attribute.flux_models import FluxLayout
+from omni_attribute.tiny import make_untrained_adapter
 
 FIXTURE_NODES = Path(__file__).resolve().parent.parent / "fixtures" / "comfy_test_nodes"
 
@@ -37,6 +39,14 @@ def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter) ->
     shutil.copy(narrow_adapter, adapters / "hidden32.safetensors")
     (adapters / "truncated.safetensors").write_bytes(Path(tiny_adapter).read_bytes()[:4096])
     save_file({"image_proj.weight": torch.zeros(2, 2)}, str(adapters / "other_pack_ip_adapter.safetensors"))
+    # adapters with IP-Adapter weights for the tiny FLUX (and two that do not fit it)
+    tiny = FluxLayout.tiny()
+    make_untrained_adapter(tiny_backbone, adapters / "tiny-ip.safetensors", seed=4, generator_layout=tiny)
+    deeper = FluxLayout(**{**tiny.to_dict(), "depth_double": 4})
+    make_untrained_adapter(tiny_backbone, adapters / "tiny-ip-4-double-blocks.safetensors", seed=5,
+                           generator_layout=deeper)
+    make_untrained_adapter(tiny_backbone, adapters / "tiny-ip-32-wide.safetensors", seed=6, out_dim=32,
+                           generator_layout=FluxLayout(**{**tiny.to_dict(), "context_dim": 32}))
     extra = tmp_path_factory.mktemp("user-models")
     (extra / "qwen").mkdir()
     shutil.copytree(tiny_backbone, extra / "qwen" / "user-qwen")
