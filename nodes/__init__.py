@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import folders
 from .embeds_nodes import LoadOmniAttributeEmbeds, SaveOmniAttributeEmbeds
 from .encoder_nodes import LoadOmniAttributeEncoder, OmniAttributeEncode
+from .guider_nodes import OmniAttributeFlowBlendGuider, OmniAttributeStack
 from .ip_nodes import ApplyOmniAttribute
 
 NODES: list[type[io.ComfyNode]] = [
@@ -13,6 +14,8 @@ NODES: list[type[io.ComfyNode]] = [
     SaveOmniAttributeEmbeds,
     LoadOmniAttributeEmbeds,
     ApplyOmniAttribute,
+    OmniAttributeStack,
+    OmniAttributeFlowBlendGuider,
 ]
 
 

@@ -26,12 +26,14 @@ def load_ip(adapter: str):
 
 
 def check_embeds_width(embeds, ip, adapter: str) -> None:
-    if embeds.width != ip.config.context_dim:
+    """Embeds (or a stack condition) must have the token width the IP-Adapter takes."""
+    width = embeds.tokens.shape[-1]
+    if width != ip.config.context_dim:
         raise AdapterMismatchError(
-            f"the embeds are {embeds.width} wide but {adapter}'s IP-Adapter takes {ip.config.context_dim}-wide tokens: "
+            f"the embeds are {width} wide but {adapter}'s IP-Adapter takes {ip.config.context_dim}-wide tokens: "
             "encode with the encoder of the same adapter"
         )
-    made_by = embeds.info.get("adapter")
+    made_by = getattr(embeds, "info", {}).get("adapter")
     if made_by and made_by != adapter:
         logging.warning("Omni-Attribute: embeds were encoded with %s but are applied with %s", made_by, adapter)
 

@@ -91,8 +91,7 @@ def apply_injection(model: comfy.model_patcher.ModelPatcher, injection: Injectio
     injection.ip.to(dtype=model.model_dtype())
     tag = f"omni_attribute_{uuid.uuid4().hex[:8]}"
     injection.key = tag
-    patched.set_additional_models(tag, [comfy.model_patcher.ModelPatcher(
-        injection.ip, load_device=model.load_device, offload_device=model.offload_device)])
+    patched.set_additional_models(tag, [ip_patcher(injection.ip, model)])
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, tag, record_call_shape)
     for index in injection.ip.config.double_blocks:
         flipped = bool(getattr(inner.double_blocks[index], "flipped_img_txt", False))
@@ -102,6 +101,16 @@ def apply_injection(model: comfy.model_patcher.ModelPatcher, injection: Injectio
         patch = _single_patch(injection, index, _existing_patch(patched, "single_block", index))
         patched.set_model_patch_replace(patch, "dit", "single_block", index)
     return patched
+
+
+def ip_patcher(ip, model) -> comfy.model_patcher.ModelPatcher:
+    """One ModelPatcher per IP module, living as long as the module (ComfyUI warns about a leak when a
+    loaded model outlives its patcher)."""
+    patcher = getattr(ip, "_omni_attribute_patcher", None)
+    if patcher is None or patcher.load_device != model.load_device:
+        patcher = comfy.model_patcher.ModelPatcher(ip, load_device=model.load_device, offload_device=model.offload_device)
+        ip._omni_attribute_patcher = patcher
+    return patcher
 
 
 def sigma_range(model: comfy.model_patcher.ModelPatcher, start_percent: float, end_percent: float) -> tuple[float, float]:

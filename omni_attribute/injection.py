@@ -18,14 +18,27 @@ from .ip_adapter import IPAdapter, IPBlock
 # transformer_options keys shared between the patches of one forward pass
 TXT_LEN = "omni_attribute_txt_len"
 GRID = "omni_attribute_grid"            # (rows, cols) of the image-token grid
-COND_TOKENS = "omni_attribute_cond_tokens"  # {cond uuid: tokens [R,M,D]}: per-condition tokens set by a guider
+COND_TOKENS = "omni_attribute_cond_tokens"  # {cond uuid: CondTokens}: per-condition tokens set by a guider
+
+
+@dataclass
+class CondTokens:
+    """Tokens one condition attends to: [R,M,D] rows acting together, optionally a weight per token."""
+    tokens: torch.Tensor
+    value_scale: torch.Tensor | None = None   # [R*M]
+
+    def joint(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.tokens.reshape(-1, self.tokens.shape[-1])
+        scale = self.value_scale if self.value_scale is not None else torch.ones(flat.shape[0])
+        return flat, scale.float()
 
 
 @dataclass
 class Plan:
-    tokens: torch.Tensor      # [B, M, D]
-    key_mask: torch.Tensor    # [B, M] bool
-    scale: torch.Tensor       # [B, 1] or [B, N]
+    tokens: torch.Tensor        # [B, M, D]
+    key_mask: torch.Tensor      # [B, M] bool
+    scale: torch.Tensor         # [B, 1] or [B, N]
+    value_scale: torch.Tensor   # [B, M]
 
 
 @dataclass
@@ -63,33 +76,37 @@ class Injection:
         uuids = list(options.get("uuids") or [None] * len(kinds))
         per_cond = options.get(COND_TOKENS) or {}
         chunk = batch // len(kinds)
-        parts: list[torch.Tensor | None] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         for kind, uid in zip(kinds, uuids):
             if uid is not None and uid in per_cond:
-                rows = per_cond[uid]
-                parts.append(rows.reshape(1, -1, rows.shape[-1]).expand(chunk, -1, -1) if rows.shape[0] != chunk else rows)
+                flat, value_scale = per_cond[uid].joint()
+                parts.append((flat.expand(chunk, -1, -1), value_scale))
             elif self.tokens is not None and (self.apply_to is None or kind in self.apply_to):
-                parts.append(self.rows_for_chunk(chunk))
+                parts.append((self.rows_for_chunk(chunk), None))
             else:
                 parts.append(None)
-        present = [p for p in parts if p is not None]
+        present = [p[0] for p in parts if p is not None]
         if not present:
             return None
         width = present[0].shape[-1]
         longest = max(p.shape[1] for p in present)
         tokens = torch.zeros(batch, longest, width, dtype=present[0].dtype)
         key_mask = torch.ones(batch, longest, dtype=torch.bool)  # rows without tokens attend to zeros, scaled by 0
+        value_scale = torch.ones(batch, longest)
         scale = torch.zeros(batch, 1)
         for i, part in enumerate(parts):
             if part is None:
                 continue
             rows = slice(i * chunk, (i + 1) * chunk)
-            tokens[rows, :part.shape[1]] = part.to(tokens.dtype)
-            key_mask[rows, part.shape[1]:] = False
+            part_tokens, part_scale = part
+            tokens[rows, :part_tokens.shape[1]] = part_tokens.to(tokens.dtype)
+            key_mask[rows, part_tokens.shape[1]:] = False
+            if part_scale is not None:
+                value_scale[rows, :part_scale.shape[0]] = part_scale
             scale[rows] = self.weight
         if self.mask is not None:
             scale = scale * spatial_weights(self.mask, options.get(GRID), n_img, batch)
-        return Plan(tokens.to(device, dtype), key_mask.to(device), scale.to(device))
+        return Plan(tokens.to(device, dtype), key_mask.to(device), scale.to(device), value_scale.to(device))
 
     def cached_plan(self, options: dict, batch: int, n_img: int, device, dtype) -> Plan | None:
         """plan(), computed once per forward pass: ComfyUI hands every block the same options dict."""
@@ -120,7 +137,7 @@ def attention_override(previous, block: IPBlock, plan: Plan, img: slice):
     def override(func, *args, **kwargs):
         out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
         q = args[0] if args else kwargs["q"]
-        term = block.contribution(q[:, :, img], plan.tokens, plan.key_mask, plan.scale)
+        term = block.contribution(q[:, :, img], plan.tokens, plan.key_mask, plan.scale, plan.value_scale)
         out[:, img] += term.to(out.dtype)
         return out
     return override

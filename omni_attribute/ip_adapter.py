@@ -92,10 +92,13 @@ class IPBlock(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def contribution(self, q_img: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None,
-                     scale: torch.Tensor) -> torch.Tensor:
-        """q_img [B,H,N,Dh] (post norm + RoPE), tokens [B,M,D], key_mask [B,M] bool, scale [B,N] or [B,1]
-        → the term to add to the image positions of the attention output, [B,N,H*Dh]."""
+                     scale: torch.Tensor, value_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """q_img [B,H,N,Dh] (post norm + RoPE), tokens [B,M,D], key_mask [B,M] bool, scale [B,N] or [B,1],
+        value_scale [B,M] (weights of token groups attended together) → the term to add to the image
+        positions of the attention output, [B,N,H*Dh]."""
         k, v = self.keys_values(tokens, q_img)
+        if value_scale is not None:
+            v = v * value_scale.to(v)[:, None, :, None]
         mask = key_mask[:, None, None, :].to(q_img.device) if key_mask is not None else None
         out = F.scaled_dot_product_attention(q_img, k, v, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)
@@ -161,7 +164,7 @@ class OmniAttributeFluxAttnProcessor:
         self.ip_block = ip_block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 ip_tokens=None, ip_key_mask=None, ip_scale=None, ip_txt_len=None):
+                 ip_tokens=None, ip_key_mask=None, ip_scale=None, ip_txt_len=None, ip_value_scale=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
@@ -182,7 +185,7 @@ class OmniAttributeFluxAttnProcessor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask).transpose(1, 2).flatten(2).to(q.dtype)
         if self.ip_block is not None and ip_tokens is not None:
             out = torch.cat([out[:, :txt_len], out[:, txt_len:] + self.ip_block.contribution(
-                q[:, :, txt_len:], ip_tokens, ip_key_mask, ip_scale)], dim=1)
+                q[:, :, txt_len:], ip_tokens, ip_key_mask, ip_scale, ip_value_scale)], dim=1)
         if encoder_hidden_states is None:
             return out
         txt_out, img_out = out[:, :txt_len], out[:, txt_len:]

@@ -132,7 +132,7 @@ def test_per_condition_tokens_by_uuid(lib, models, ip, inputs, twin_with_ip):
     options = dict(model.model_options["transformer_options"])
     ids = [uuid.uuid4(), uuid.uuid4()]
     options.update(wrappers=model.wrappers, cond_or_uncond=[0, 1], uuids=ids, sigmas=inputs["sigma"],
-                   **{lib.injection.COND_TOKENS: {ids[0]: a, ids[1]: b}})
+                   **{lib.injection.COND_TOKENS: {ids[0]: lib.injection.CondTokens(a), ids[1]: lib.injection.CondTokens(b)}})
     with torch.no_grad():
         out = comfy_flux_forward(model.model, inputs["latent"], inputs["sigma"], inputs["context"], inputs["y"],
                                  inputs["guidance"], transformer_options=options)
