@@ -2,12 +2,22 @@
 
 Used by the tests, the demo and headless runs. Errors from the server are turned into
 exceptions whose message names the node and what ComfyUI said.
+
+    python -m omni_attribute.api run WORKFLOW.api.json --server http://127.0.0.1:8188 \
+        --set 4.image=photos/dog.png --set "Prompt.text=a dog in the snow" --out results/
+
+``--set NODE.INPUT=VALUE`` names a node by id or by its title; VALUE is parsed as JSON when it
+can be (numbers, true/false), else taken as text. A LoadImage input that names a local file is
+uploaded first. Progress is printed as it streams in; outputs (images, saved embeds) are
+downloaded into --out. Exit status: 0 done, 1 the server failed or rejected the prompt, 2 usage.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import mimetypes
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -172,3 +182,93 @@ def set_inputs(prompt: dict, assignments: dict[str, object]) -> dict:
                            f"{name!r}; it has {', '.join(inputs)}")
         inputs[name] = value
     return prompt
+
+
+OUTPUT_KINDS = ("images", "gifs", "omni_attribute_embeds")
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    target, sep, raw = text.partition("=")
+    if not sep or "." not in target:
+        raise ValueError(f"--set {text!r}: write NODE.INPUT=VALUE, e.g. 4.image=photo.png or Prompt.text='a cat'")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return target, value
+
+
+def upload_local_images(client: ComfyClient, prompt: dict) -> None:
+    """LoadImage inputs that name an existing local file are uploaded and replaced by the server's name."""
+    for node in prompt.values():
+        if node.get("class_type") == "LoadImage":
+            value = node.get("inputs", {}).get("image")
+            if isinstance(value, str) and Path(value).is_file():
+                node["inputs"]["image"] = client.upload_image(value)
+
+
+def download_outputs(client: ComfyClient, history: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for kind in OUTPUT_KINDS:
+        for item in node_outputs(history, kind):
+            target = out_dir / Path(item["filename"]).name
+            target.write_bytes(client.view(item["filename"], item.get("subfolder", ""), item.get("type", "output")))
+            saved.append(target)
+    return saved
+
+
+def progress_printer(prompt: dict, stream=sys.stdout) -> Callable[[str, dict], None]:
+    def report(kind: str, data: dict) -> None:
+        if kind == "executing" and data.get("node"):
+            node = prompt.get(data["node"], {})
+            title = node.get("_meta", {}).get("title") or node.get("class_type", "")
+            print(f"[run] node {data['node']} ({title})", file=stream, flush=True)
+        elif kind == "progress":
+            print(f"[run]   {data.get('value')}/{data.get('max')}", file=stream, flush=True)
+        elif kind == "execution_cached" and data.get("nodes"):
+            print(f"[run] cached: {', '.join(map(str, data['nodes']))}", file=stream, flush=True)
+    return report
+
+
+def run_workflow(client: ComfyClient, prompt: dict, out_dir: Path,
+                 on_event: Callable[[str, dict], None] | None = None) -> list[Path]:
+    """Upload local images, run the prompt to the end, download its outputs; returns the saved files."""
+    upload_local_images(client, prompt)
+    history = client.run(prompt, on_event=on_event)
+    return download_outputs(client, history, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m omni_attribute.api", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an API-format workflow on a ComfyUI server")
+    run.add_argument("workflow", type=Path, help="API-format workflow (*.api.json)")
+    run.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
+    run.add_argument("--set", dest="assignments", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override an input; repeatable")
+    run.add_argument("--out", type=Path, default=Path("outputs"), help="where outputs are saved (default %(default)s)")
+    run.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the prompt (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        prompt = set_inputs(load_workflow(args.workflow), dict(parse_assignment(a) for a in args.assignments))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = ComfyClient(args.server, timeout=args.timeout)
+    try:
+        saved = run_workflow(client, prompt, args.out, on_event=progress_printer(prompt))
+    except ComfyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, ConnectionError, OSError) as exc:
+        print(f"error: cannot reach ComfyUI at {args.server}: {exc}. Is the server running?", file=sys.stderr)
+        return 1
+    for path in saved:
+        print(f"[run] saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

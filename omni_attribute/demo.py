@@ -5,7 +5,7 @@
 It builds the tiny default model files (a tiny Qwen2.5-VL with the real tokenizer and an
 *untrained* adapter: the numbers prove the pipeline, not the meaning of the embeddings), draws a
 reference image, starts ComfyUI with the plugin, runs workflows/encode_attributes.api.json
-through the HTTP API and websocket, and prints what came back.
+with the headless client (omni_attribute.api) and prints what came back.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .api import ComfyClient, load_workflow, node_outputs, set_inputs
+from .api import ComfyClient, load_workflow, progress_printer, run_workflow, set_inputs
 from .comfy_host import PLUGIN_DIR, ComfyServer
 from .embeds import load_embeds
 from .tiny import make_tiny_backbone_folder, make_untrained_adapter
@@ -59,22 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     prepare_models(base)
     reference = draw_reference(args.out.resolve() / "reference.png")
     prompt = set_inputs(load_workflow(WORKFLOW), {
-        "2.backbone": BACKBONE, "2.adapter": ADAPTER, "3.attributes": ATTRIBUTES, "4.filename_prefix": "demo"})
+        "1.image": str(reference), "2.backbone": BACKBONE, "2.adapter": ADAPTER, "3.attributes": ATTRIBUTES,
+        "4.filename_prefix": "demo"})
 
     print("[demo] starting ComfyUI ...", flush=True)
     with ComfyServer(base) as server:
         print(f"[demo] ComfyUI at {server.url} (log: {server.log_path})", flush=True)
-        client = ComfyClient(server.url)
-        prompt["1"]["inputs"]["image"] = client.upload_image(reference)
-
-        def report(kind: str, data: dict) -> None:
-            if kind == "executing" and data.get("node"):
-                print(f"[demo]   running node {data['node']} ({prompt[data['node']]['class_type']})", flush=True)
-
-        history = client.run(prompt, on_event=report)
-        (item,) = node_outputs(history, "omni_attribute_embeds")
-        local = args.out.resolve() / item["filename"]
-        local.write_bytes(client.view(item["filename"], item["subfolder"], item["type"]))
+        (local,) = run_workflow(ComfyClient(server.url), prompt, args.out.resolve(), on_event=progress_printer(prompt))
 
     embeds = load_embeds(local)
     print(f"\n[demo] embeds fetched over HTTP and saved to {local}")

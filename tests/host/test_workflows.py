@@ -1,0 +1,118 @@
+"""Shipped workflows: valid on the live server, UI and API twins agree, and each runs end to end through the
+headless client (python -m omni_attribute.api) with the FLUX loaders swapped for the tiny test fixtures."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omni_attribute.workflow import check_against_object_info, ui_to_api
+
+pytestmark = pytest.mark.host
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+NAMES = sorted(p.name[:-len(".api.json")] for p in WORKFLOWS.glob("*.api.json"))
+
+
+def test_every_workflow_has_both_formats():
+    assert {"encode_attributes", "personalize_attribute", "compose_attributes"} <= set(NAMES)
+    for name in NAMES:
+        assert (WORKFLOWS / f"{name}.json").is_file(), f"{name} has no UI-format twin"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_is_valid_and_twins_agree(client, name):
+    info = client.object_info()
+    api = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    assert check_against_object_info(api, info) == []
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert any(node["type"] == "Note" for node in ui["nodes"]), "the UI workflow should tell the artist what to load"
+
+
+def tiny_version(prompt: dict) -> dict:
+    """Swap the full-size FLUX loaders for the test-only tiny fixtures; everything else stays."""
+    prompt = copy.deepcopy(prompt)
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            prompt[node_id] = {"class_type": "OmniTestTinyModel", "inputs": {"family": "flux", "seed": 0}}
+        elif kind in ("DualCLIPLoader", "VAELoader"):
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "OmniTestConditioning",
+                               "inputs": {"seed": len(inputs["text"]), "length": 5, "guidance": 3.5}}
+        elif kind == "VAEDecode":
+            prompt[node_id] = {"class_type": "OmniTestLatentToImage", "inputs": {"samples": inputs["samples"]}}
+        elif kind == "OmniAttributeEncoderLoader":
+            inputs.update(backbone="tiny-qwen25vl", adapter="tiny-ip.safetensors")
+        elif kind in ("OmniAttributeApply", "OmniAttributeFlowBlendGuider"):
+            inputs["adapter"] = "tiny-ip.safetensors"
+        elif kind == "EmptySD3LatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "BasicScheduler":
+            inputs["steps"] = 2
+    return prompt
+
+
+def run_cli(args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "omni_attribute.api", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def reference_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refs")
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        path = folder / f"ref{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_headlessly(comfy_server, name, reference_images, tmp_path):
+    prompt = tiny_version(json.loads((WORKFLOWS / f"{name}.api.json").read_text()))
+    workflow = tmp_path / f"{name}.tiny.api.json"
+    workflow.write_text(json.dumps(prompt))
+    loaders = [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]
+    sets = [f"{node_id}.image={path}" for node_id, path in zip(loaders, reference_images)]
+    out = tmp_path / "out"
+    result = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(out),
+                      *[arg for s in sets for arg in ("--set", s)]])
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "[run] node" in result.stdout
+    saved = sorted(out.iterdir())
+    assert saved, result.stdout
+    if name == "encode_attributes":
+        assert saved[0].suffix == ".safetensors"
+    else:
+        image = np.asarray(Image.open(saved[0]))
+        assert image.shape == (64, 64, 3) and image.std() > 0
+
+
+def test_cli_reports_errors_readably(comfy_server, reference_images, tmp_path):
+    prompt = tiny_version(json.loads((WORKFLOWS / "personalize_attribute.api.json").read_text()))
+    prompt["9"]["inputs"]["adapter"] = "tiny.safetensors"  # an adapter without IP-Adapter weights
+    workflow = tmp_path / "broken.api.json"
+    workflow.write_text(json.dumps(prompt))
+    missing_image = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(tmp_path)])
+    assert missing_image.returncode == 1 and "node 4 (LoadImage)" in missing_image.stderr
+    failed = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(tmp_path),
+                      "--set", f"4.image={reference_images[0]}"])
+    assert failed.returncode == 1 and "has no IP-Adapter weights" in failed.stderr and "Traceback" not in failed.stderr
+    usage = run_cli(["run", str(workflow), "--server", comfy_server.url, "--set", "nonsense"])
+    assert usage.returncode == 2 and "NODE.INPUT=VALUE" in usage.stderr
+    unknown = run_cli(["run", str(workflow), "--server", comfy_server.url, "--set", "9.no_such_input=1"])
+    assert unknown.returncode == 2 and "has no input 'no_such_input'" in unknown.stderr
+    ui_file = run_cli(["run", str(WORKFLOWS / "compose_attributes.json"), "--server", comfy_server.url])
+    assert ui_file.returncode == 2 and "UI-format" in ui_file.stderr
+    nobody = run_cli(["run", str(workflow), "--server", "http://127.0.0.1:9", "--out", str(tmp_path)])
+    assert nobody.returncode == 1 and "cannot reach ComfyUI" in nobody.stderr
