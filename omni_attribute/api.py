@@ -42,9 +42,11 @@ class PromptRejected(ComfyError):
 class ExecutionFailed(ComfyError):
     def __init__(self, data: dict):
         self.data = data
+        # a custom node's module name is its folder path: keep only the class name
+        kind = str(data.get("exception_type", "error")).rsplit(".", 1)[-1]
         super().__init__(
             f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-            f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}"
+            f"{kind}: {data.get('exception_message', '').strip()}"
         )
 
 

@@ -11,6 +11,9 @@ EXPECTED = {
     "OmniAttributeLoadEmbeds": ({"embeds_file"}, ["OMNI_ATTRIBUTE_EMBEDS"]),
     "OmniAttributeApply": ({"model", "embeds", "adapter", "weight", "start_percent", "end_percent", "apply_to",
                             "combine"}, ["MODEL"]),
+    "OmniAttributeStack": ({"embeds", "weight", "start_percent", "end_percent"}, ["OMNI_ATTRIBUTE_STACK"]),
+    "OmniAttributeFlowBlendGuider": ({"model", "adapter", "positive", "empty", "stack", "text_scale", "mode"},
+                                     ["GUIDER"]),
 }
 
 
@@ -25,6 +28,7 @@ def test_object_info_lists_every_node_with_its_sockets(client):
     assert info["OmniAttributeSaveEmbeds"]["output_node"] is True
     assert info["OmniAttributeEncode"]["input"]["required"]["image"][0] == "IMAGE"
     assert set(info["OmniAttributeApply"]["input"]["optional"]) == {"mask"}
+    assert set(info["OmniAttributeStack"]["input"]["optional"]) == {"stack"}
 
 
 def test_model_folders_are_listed_and_user_paths_kept(client):

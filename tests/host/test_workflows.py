@@ -103,11 +103,13 @@ def test_cli_reports_errors_readably(comfy_server, reference_images, tmp_path):
     prompt["9"]["inputs"]["adapter"] = "tiny.safetensors"  # an adapter without IP-Adapter weights
     workflow = tmp_path / "broken.api.json"
     workflow.write_text(json.dumps(prompt))
-    missing_image = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(tmp_path)])
+    missing_image = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(tmp_path),
+                             "--set", "4.image=no_such_image.png"])
     assert missing_image.returncode == 1 and "node 4 (LoadImage)" in missing_image.stderr
     failed = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(tmp_path),
                       "--set", f"4.image={reference_images[0]}"])
     assert failed.returncode == 1 and "has no IP-Adapter weights" in failed.stderr and "Traceback" not in failed.stderr
+    assert "AdapterFileError:" in failed.stderr and "custom_nodes" not in failed.stderr
     usage = run_cli(["run", str(workflow), "--server", comfy_server.url, "--set", "nonsense"])
     assert usage.returncode == 2 and "NODE.INPUT=VALUE" in usage.stderr
     unknown = run_cli(["run", str(workflow), "--server", comfy_server.url, "--set", "9.no_such_input=1"])
