@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
+from PIL import Image, ImageDraw
 
 from omni_attribute.tiny import comfyui_tokenizer_dir, make_tiny_backbone_folder, make_untrained_adapter
 
@@ -51,3 +54,28 @@ def plugin(comfy_in_process):
     from omni_attribute.comfy_host import import_in_process
 
     return import_in_process("omni_attribute_plugin_under_test")
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40)}
+BACKGROUNDS = {"black": (10, 10, 10), "white": (240, 240, 240), "gray": (128, 128, 128)}
+
+
+def draw(path: Path, color: str, background: str) -> str:
+    image = Image.new("RGB", (32, 32), BACKGROUNDS[background])
+    ImageDraw.Draw(image).ellipse((8, 8, 24, 24), fill=COLORS[color])
+    image.save(path)
+    return path.name
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    """Pairs that share the object colour and differ in background: positive 'object color', negative 'background color'."""
+    folder = tmp_path_factory.mktemp("pairs")
+    lines = []
+    for i, (color, (bg_a, bg_b)) in enumerate([(c, b) for c in COLORS for b in (("black", "white"), ("white", "gray"))]):
+        a, b = draw(folder / f"{i}a.png", color, bg_a), draw(folder / f"{i}b.png", color, bg_b)
+        lines.append({"image_a": a, "image_b": b, "positive_attributes": ["object color", "object shape"],
+                      "negative_attributes": ["background color"], "caption_a": f"a {color} disc on {bg_a}",
+                      "caption_b": f"a {color} disc on {bg_b}", "id": str(i)})
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return folder / "pairs.jsonl"

@@ -61,3 +61,21 @@ def test_backbone_from_the_users_extra_model_paths_encodes(client, graphs, tmp_p
 def test_batch_of_images_gives_one_row_per_image_and_line(client, graphs, tmp_path):
     embeds, _ = graphs.fetch(client, client.run(graphs.encode(graphs.image(batch=3), attributes="shape\ncolor")), tmp_path)
     assert embeds.image_index == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_trained_adapter_loads_and_encodes_without_conversion(client, graphs, comfy_base, tiny_backbone, tiny_pairs,
+                                                                tmp_path):
+    from pathlib import Path
+
+    from omni_attribute.train.config import load_config
+    from omni_attribute.train.trainer import train
+
+    repo = Path(__file__).resolve().parents[2]
+    config = load_config(repo / "configs" / "train_tiny.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.pairs={tiny_pairs}", "data.validation_pairs=null",
+        f"backbone.path={tiny_backbone}", "optim.max_steps=3", "runtime.validate_every=0"])
+    adapter = train(config, progress=False)
+    (comfy_base / "models" / "omni_attribute" / "trained.safetensors").write_bytes(adapter.read_bytes())
+    embeds, _ = graphs.fetch(client, client.run(graphs.encode(graphs.image(), adapter="trained.safetensors")), tmp_path)
+    assert embeds.tokens.shape == (1, 4, 64)
+    assert embeds.info["adapter"] == "trained.safetensors"

@@ -1,0 +1,182 @@
+"""Training configuration: a YAML (or JSON) file, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import OmniAttributeError
+from ..prompt import DEFAULT_TEMPLATE
+from .generator import GeneratorSpec
+
+
+class ConfigError(OmniAttributeError):
+    """The training configuration is malformed; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    pairs: str | list[str] = ""          # JSONL file(s) or glob
+    validation_pairs: str | list[str] | None = None
+    image_size: int = 32                 # training resolution of the generator's target images (square)
+
+
+@dataclass
+class BackboneConfig:
+    path: str = ""                        # HF-format Qwen2.5-VL folder
+    dtype: str = "fp32"                   # fp32 | bf16
+
+
+@dataclass
+class AdapterConfig:
+    num_tokens: int = 16
+    connector_width: int = 1024
+    connector_layers: int = 8
+    connector_heads: int = 16
+    lora_r: int = 32
+    lora_alpha: float = 32
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None       # regex; None = the language model's attention and MLP projections
+    prompt_template: str = DEFAULT_TEMPLATE
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+    init_from: str | None = None          # continue from an existing adapter file
+
+
+@dataclass
+class LossConfig:
+    lambda_gen: float = 1.0
+    lambda_con: float = 0.01              # the paper's final setting
+    tau: float = 0.1                      # the paper's final setting
+    in_batch_negatives: bool = False      # extension, not in the paper
+    timestep_sampling: str = "logit_normal"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    timestep_shift: float = 1.0
+    drop_text: float = 0.1                # caption replaced by "" (learns D(E, ∅))
+    drop_tokens: float = 0.1              # attribute tokens dropped (learns D(∅, c))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_steps: int = 1000
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RuntimeConfig:
+    mixed_precision: str = "no"           # no | bf16 | fp16 (accelerate)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    validate_every: int = 0               # 0: only at the end
+    tensorboard: bool = False
+    crash_after_step: int = 0             # testing: hard-kill the process after this step (0 = never)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/omni-attribute"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    generator: GeneratorSpec = field(default_factory=GeneratorSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if name in known else None
+        if is_dataclass(default):
+            values[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML/JSON config; ``overrides`` are 'section.key=value' strings (value parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name} is not valid YAML: {exc}") from exc
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r}: write section.key=value")
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(raw)
+    config = _build(TrainConfig, data, path.name)
+    base = path.parent
+    for section, key in (("backbone", "path"), ("generator", "path"), ("adapter", "init_from")):
+        value = getattr(getattr(config, section), key)
+        if value and not Path(value).is_absolute():
+            setattr(getattr(config, section), key, str((base / value).resolve()))
+    for key in ("pairs", "validation_pairs"):
+        value = getattr(config.data, key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            setattr(config.data, key, str(base / value))
+        elif isinstance(value, list):
+            setattr(config.data, key, [v if Path(v).is_absolute() else str(base / v) for v in value])
+    if config.output_dir and not Path(config.output_dir).is_absolute():
+        config.output_dir = str((base / config.output_dir).resolve())
+    check_values(config)
+    return config
+
+
+def check_values(config: TrainConfig) -> None:
+    problems = []
+    if not config.data.pairs:
+        problems.append("data.pairs is empty: name the JSONL pair file(s)")
+    if not config.backbone.path:
+        problems.append("backbone.path is empty: name an HF-format Qwen2.5-VL folder")
+    if config.backbone.dtype not in ("fp32", "bf16"):
+        problems.append(f"backbone.dtype {config.backbone.dtype!r}: use fp32 or bf16")
+    if config.runtime.mixed_precision not in ("no", "bf16", "fp16"):
+        problems.append(f"runtime.mixed_precision {config.runtime.mixed_precision!r}: use no, bf16 or fp16")
+    for name, value in (("optim.batch_size", config.optim.batch_size), ("optim.max_steps", config.optim.max_steps),
+                        ("optim.grad_accum", config.optim.grad_accum), ("adapter.num_tokens", config.adapter.num_tokens)):
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("loss.drop_text", config.loss.drop_text), ("loss.drop_tokens", config.loss.drop_tokens)):
+        if not 0 <= value < 1:
+            problems.append(f"{name} must be in [0, 1), got {value}")
+    if config.loss.tau <= 0:
+        problems.append(f"loss.tau must be positive, got {config.loss.tau}")
+    if config.loss.lambda_gen == 0 and config.loss.lambda_con == 0:
+        problems.append("loss.lambda_gen and loss.lambda_con are both 0: nothing to train")
+    if problems:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def dump_config(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, default=str)
