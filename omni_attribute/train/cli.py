@@ -19,8 +19,27 @@ from ..errors import OmniAttributeError
 from .config import dump_config, load_config
 
 
+def config_keys_help() -> str:
+    """Every config key with its default, generated from the config dataclasses."""
+    from dataclasses import fields, is_dataclass
+
+    from .config import TrainConfig
+
+    lines = ["config keys (section.key = default):"]
+
+    def walk(obj, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  {prefix}{f.name} = {value!r}")
+    walk(TrainConfig(), "")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omni-attribute-train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="omni-attribute-train", description=__doc__, epilog=config_keys_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training config (YAML or JSON); paths in it are relative to its folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

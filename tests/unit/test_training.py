@@ -101,6 +101,8 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--config", "--set", "--no-resume", "--dry-run", "--print-config", "--quiet", "--log-level"):
         assert option in result.stdout
+    for key in ("loss.lambda_con = 0.01", "loss.tau = 0.1", "optim.grad_accum = 1", "runtime.gradient_checkpointing"):
+        assert key in result.stdout
 
 
 def test_bad_records_name_the_line_and_field(tmp_path):
