@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's library, whatever the venv points at
 
-import argparse
 import json
 import statistics
 import threading
@@ -28,7 +27,7 @@ from importlib import import_module
 import psutil
 import torch
 
-from benchmarks.ip_adapter import SIZES, build
+from benchmarks.ip_adapter import build, flux_benchmark_args
 from omni_attribute.comfy_host import import_in_process
 
 
@@ -57,15 +56,7 @@ class PeakRSS:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=list(SIZES), default="small")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--text-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = flux_benchmark_args(__doc__, text_tokens=256)
     plugin = import_in_process(cpu=args.device == "cpu")
     import comfy.model_management
     import comfy.samplers

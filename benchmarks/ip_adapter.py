@@ -50,16 +50,21 @@ def build(size: str, device: str, dtype: torch.dtype):
     return layout, patcher
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def flux_benchmark_args(description: str, text_tokens: int) -> argparse.Namespace:
+    """The options every FLUX benchmark shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--text-tokens", type=int, default=text_tokens)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = flux_benchmark_args(__doc__, text_tokens=512)
     plugin = import_in_process(cpu=args.device == "cpu")
     from importlib import import_module
     ip_adapter = import_module(f"{plugin.__name__}.omni_attribute.ip_adapter")

@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .connector import ConnectorConfig
 from .errors import AdapterFileError, AdapterMismatchError
+from .files import atomic_save_safetensors
 
 FORMAT_NAME = "omni-attribute-adapter"
 FORMAT_VERSION = 1
@@ -94,24 +93,13 @@ def config_hash(config: dict) -> str:
 
 
 def save_adapter(path: str | os.PathLike, metadata: AdapterMetadata, sections: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Write atomically (temp file + rename) so a killed writer never leaves half a file."""
     flat: dict[str, torch.Tensor] = {}
     for section, tensors in sections.items():
         if section not in SECTIONS:
             raise ValueError(f"unknown adapter section {section!r}; expected one of {SECTIONS}")
         for name, tensor in tensors.items():
-            flat[f"{section}.{name}"] = tensor.detach().to("cpu").contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={METADATA_KEY: metadata.to_json()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            flat[f"{section}.{name}"] = tensor
+    atomic_save_safetensors(flat, path, {METADATA_KEY: metadata.to_json()})
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> AdapterMetadata:

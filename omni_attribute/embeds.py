@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import EmbedsFileError
+from .files import atomic_save_safetensors
 
 FORMAT_NAME = "omni-attribute-embeds"
 FORMAT_VERSION = 1
@@ -60,20 +59,9 @@ class AttributeEmbeds:
 
 
 def save_embeds(path: str | os.PathLike, embeds: AttributeEmbeds) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "attributes": embeds.attributes,
                        "image_index": embeds.image_index, "info": embeds.info})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"tokens": embeds.tokens.detach().cpu().contiguous(), "pooled": embeds.pooled.detach().cpu().contiguous()},
-                  tmp, metadata={"omni_attribute_embeds": meta})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors({"tokens": embeds.tokens, "pooled": embeds.pooled}, path, {"omni_attribute_embeds": meta})
 
 
 def load_embeds(path: str | os.PathLike) -> AttributeEmbeds:

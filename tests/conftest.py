@@ -56,6 +56,14 @@ def plugin(comfy_in_process):
     return import_in_process("omni_attribute_plugin_under_test")
 
 
+@pytest.fixture(scope="session")
+def plugin_module(plugin):
+    """plugin_module("nodes.ip_patch"): a module of the plugin's own copy of the code (what its nodes use)."""
+    import importlib
+
+    return lambda name: importlib.import_module(f"{plugin.__name__}.{name}")
+
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40)}
 BACKGROUNDS = {"black": (10, 10, 10), "white": (240, 240, 240), "gray": (128, 128, 128)}
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -24,13 +22,14 @@ def test_flow_blend_formula_on_numbers():
 
 
 @pytest.fixture(scope="module")
-def lib(plugin):
+def lib(plugin_module):
+    """The plugin's copy of the modules under test."""
     class Lib:
-        flow_blend = importlib.import_module(f"{plugin.__name__}.nodes.flow_blend")
-        ip_patch = importlib.import_module(f"{plugin.__name__}.nodes.ip_patch")
-        injection = importlib.import_module(f"{plugin.__name__}.omni_attribute.injection")
-        ip_adapter = importlib.import_module(f"{plugin.__name__}.omni_attribute.ip_adapter")
-        composition = importlib.import_module(f"{plugin.__name__}.omni_attribute.composition")
+        flow_blend = plugin_module("nodes.flow_blend")
+        ip_patch = plugin_module("nodes.ip_patch")
+        injection = plugin_module("omni_attribute.injection")
+        ip_adapter = plugin_module("omni_attribute.ip_adapter")
+        composition = plugin_module("omni_attribute.composition")
     return Lib
 
 

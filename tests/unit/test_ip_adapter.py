@@ -3,7 +3,6 @@ from the same weights; schedule, per-condition tokens, masks, stacking; FLUX.1-d
 
 from __future__ import annotations
 
-import importlib
 import uuid
 
 import pytest
@@ -14,13 +13,13 @@ from omni_attribute.flux_models import (FluxLayout, build_comfy_flux, build_diff
 
 
 @pytest.fixture(scope="module")
-def lib(plugin):
-    """The plugin's copy of the library modules (the ones its nodes use)."""
+def lib(plugin_module):
+    """The plugin's copy of the modules under test."""
     class Lib:
-        ip_adapter = importlib.import_module(f"{plugin.__name__}.omni_attribute.ip_adapter")
-        injection = importlib.import_module(f"{plugin.__name__}.omni_attribute.injection")
-        errors = importlib.import_module(f"{plugin.__name__}.omni_attribute.errors")
-        ip_patch = importlib.import_module(f"{plugin.__name__}.nodes.ip_patch")
+        ip_adapter = plugin_module("omni_attribute.ip_adapter")
+        injection = plugin_module("omni_attribute.injection")
+        errors = plugin_module("omni_attribute.errors")
+        ip_patch = plugin_module("nodes.ip_patch")
     return Lib
 
 
