@@ -48,3 +48,10 @@ def test_log_shows_the_plugin_imported_cleanly(comfy_server):
     # ComfyUI's optional core extras (kornia, spandrel, torchaudio) may fail; no traceback may touch custom nodes
     tracebacks = log.split("Traceback (most recent call last):")[1:]
     assert not [t for t in tracebacks if "custom_nodes" in t.split("\n\n")[0]], tracebacks
+
+
+def test_frontend_extension_and_help_pages_are_served(client):
+    script = client._request("/extensions/comfyui-omni-attribute/js/omni_attribute.js").decode()
+    assert "registerExtension" in script and "OmniAttributeSaveEmbeds" in script
+    page = client._request("/extensions/comfyui-omni-attribute/docs/OmniAttributeEncode.md").decode()
+    assert page.startswith("# Omni-Attribute Encode")
