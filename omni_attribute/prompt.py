@@ -83,9 +83,7 @@ def join_attributes(names: list[str]) -> str:
 
 
 def format_instruction(names: list[str], template: str = DEFAULT_TEMPLATE) -> str:
-    """Fill the adapter's instruction template with the attribute names."""
-    if "{attributes}" not in template:
-        raise AttributeTextError(
-            f"instruction template {template!r} has no '{{attributes}}' placeholder"
-        )
-    return template.replace("{attributes}", join_attributes(names))
+    """Fill the adapter's instruction template with the attribute names. A template without the
+    ``{attributes}`` placeholder ignores them: that is a holistic encoder (a baseline)."""
+    joined = join_attributes(names)
+    return template.replace("{attributes}", joined) if "{attributes}" in template else template

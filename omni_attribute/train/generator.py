@@ -103,8 +103,9 @@ class FluxTextEncoders(nn.Module):
 
 @dataclass
 class GeneratorSpec:
-    kind: str = "tiny"                 # "tiny" (a seeded random tiny FLUX) or "flux" (a diffusers FLUX.1 folder)
-    path: str | None = None            # flux: the diffusers folder
+    kind: str = "tiny"                 # "tiny" (seeded random tiny FLUX), "world" (a trained tiny-world
+                                       # generator folder) or "flux" (a diffusers FLUX.1 folder)
+    path: str | None = None            # flux / world: the folder
     seed: int = 0                      # tiny: weight seed
     ip_double: str | list[int] = "all"
     ip_single: str | list[int] = "none"
@@ -159,7 +160,14 @@ def build_generator(spec: GeneratorSpec, tokenizer, context_dim: int | None = No
         transformer = build_diffusers_flux(layout, dtype=dtype)
         text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim)
         codec = PixelCodec()
+    elif spec.kind == "world":
+        from ..world.generator import load_world_generator
+
+        if not spec.path:
+            raise ValueError("generator.kind 'world' needs generator.path: a folder written by the tiny-world benchmark")
+        transformer, text, layout = load_world_generator(spec.path, tokenizer)
+        codec = PixelCodec()
     else:
-        raise ValueError(f"unknown generator kind {spec.kind!r}: use 'tiny' or 'flux'")
+        raise ValueError(f"unknown generator kind {spec.kind!r}: use 'tiny', 'world' or 'flux'")
     ip = IPAdapter(IPAdapterConfig.for_layout(layout, spec.ip_double, spec.ip_single, context_dim=context_dim))
     return Generator(transformer, layout, codec, text, ip.to(dtype), spec.guidance)

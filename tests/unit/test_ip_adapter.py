@@ -206,3 +206,23 @@ def test_flux_dev_layout_on_meta(lib, comfy_in_process):
     patched = apply(lib, model, ip, torch.zeros(1, 16, 4096, device="meta"))
     dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     assert sorted(dit) == [("double_block", i) for i in range(19)]
+
+
+def test_schnell_layout_without_guidance_embedding(lib, comfy_in_process):
+    """FLUX.1-schnell's layout (no guidance embedder): the patch applies and changes the output."""
+    import comfy.model_patcher
+
+    schnell = FluxLayout(**{**FluxLayout.tiny().to_dict(), "guidance_embed": False})
+    model = comfy.model_patcher.ModelPatcher(build_comfy_flux(schnell, seed=1), load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    assert type(model.model.model_config).__name__ == "FluxSchnell"
+    torch.manual_seed(2)
+    ip = lib.ip_adapter.IPAdapter(lib.ip_adapter.IPAdapterConfig.for_layout(schnell, "all", "none"))
+    with torch.no_grad():
+        for block in ip.double_blocks.values():
+            block.to_v.weight.normal_(0, 0.2)
+    x = {"latent": torch.randn(1, 16, 8, 8), "sigma": torch.tensor([0.5]), "context": torch.randn(1, 3, 64),
+         "y": torch.randn(1, 32), "guidance": None}
+    plain = comfy_run(model, x)
+    patched = comfy_run(apply(lib, model, ip, torch.randn(1, 4, 64), weight=1.0), x)
+    assert torch.isfinite(patched).all() and (patched - plain).abs().max() > 1e-3

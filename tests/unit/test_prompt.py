@@ -33,6 +33,5 @@ def test_bad_text_says_what_to_fix(text, fragment):
         parse_attribute_text(text)
 
 
-def test_template_without_placeholder_is_refused():
-    with pytest.raises(AttributeTextError, match="placeholder"):
-        format_instruction(["x"], "Describe:")
+def test_template_without_placeholder_is_a_holistic_encoder():
+    assert format_instruction(["x"], "Describe the image:") == format_instruction(["y"], "Describe the image:")

@@ -1,0 +1,108 @@
+"""The world's text-to-image generator: a small FLUX (diffusers twin) + text encoder trained from scratch
+with the rectified-flow loss on world images and captions, then frozen. Saved as a folder:
+``transformer/`` (diffusers), ``text_encoder.safetensors`` and ``world_generator.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ..files import atomic_save_safetensors
+from ..flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
+from ..ip_adapter import ip_kwargs
+from ..train.generator import PixelCodec, TinyTextEncoder
+from ..train.losses import flow_matching_loss, noisy_latents, sample_timesteps
+
+WORLD_LAYOUT = FluxLayout(hidden_size=128, num_heads=4, depth_double=3, depth_single=3, context_dim=64,
+                          vec_in_dim=32, axes_dim=[8, 12, 12])
+META = "world_generator.json"
+
+
+def load_rgb_batch(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
+                        .permute(2, 0, 1) for p in paths])
+
+
+def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, folder: str | Path, steps: int = 3000,
+                          batch_size: int = 64, lr: float = 1e-3, seed: int = 0, drop_caption: float = 0.1,
+                          layout: FluxLayout = WORLD_LAYOUT, progress=None) -> Path:
+    """Train DiT and text encoder from scratch; ``images`` [N,3,32,32] in [0,1]."""
+    torch.manual_seed(seed)
+    transformer = build_diffusers_flux(layout)
+    text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim)
+    codec = PixelCodec()
+    params = list(transformer.parameters()) + list(text.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    latents = codec.encode(images)
+    transformer.train()
+    text.train()
+    for step in range(steps):
+        index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        batch_captions = ["" if torch.rand((), generator=generator) < drop_caption else captions[i] for i in index.tolist()]
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = sample_timesteps(batch_size, "logit_normal", generator)
+        context, pooled = text(batch_captions)
+        guidance = torch.full((batch_size,), 1.0) if layout.guidance_embed else None
+        velocity = diffusers_flux_forward(transformer, noisy_latents(x0, noise, t), t, context, pooled, guidance)
+        loss = flow_matching_loss(velocity, x0, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if progress:
+            progress(step + 1, steps, float(loss.detach()))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.eval().save_pretrained(str(folder / "transformer"), safe_serialization=True)
+    atomic_save_safetensors(text.state_dict(), folder / "text_encoder.safetensors", {"kind": "tiny-text-encoder"})
+    (folder / META).write_text(json.dumps({"layout": layout.to_dict(), "text": {"max_length": text.max_length,
+                                                                                "buckets": text.buckets},
+                                           "codec": "pixel", "steps": steps, "seed": seed}, indent=2))
+    return folder
+
+
+def load_world_generator(folder: str | Path, tokenizer):
+    """(transformer, text encoder, layout) of a saved world generator, frozen."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(folder)
+    meta = json.loads((folder / META).read_text())
+    layout = FluxLayout.from_dict(meta["layout"])
+    transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).eval().requires_grad_(False)
+    text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim, **meta["text"])
+    text.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
+    return transformer, text.eval().requires_grad_(False), layout
+
+
+@torch.no_grad()
+def sample_images(transformer, text, layout: FluxLayout, captions: list[str], seed: int = 0, steps: int = 20,
+                  text_scale: float = 3.0, size: int = 32, tokens: torch.Tensor | None = None,
+                  token_weight: float = 1.0) -> torch.Tensor:
+    """Euler sampling of the rectified flow with CFG on the caption (and optional IP tokens on the
+    conditional branch). Returns images [B,3,size,size] in [0,1]."""
+    codec = PixelCodec()
+    b = len(captions)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, codec.latent_channels, size // 2, size // 2, generator=g)
+    cond_ctx, cond_pool = text(captions)
+    null_ctx, null_pool = text([""] * b)
+    guidance = torch.full((b,), 1.0) if layout.guidance_embed else None
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        t = torch.full((b,), float(sigmas[i]))
+        kwargs = ip_kwargs(tokens, token_weight, txt_len=cond_ctx.shape[1]) if tokens is not None else None
+        v_cond = diffusers_flux_forward(transformer, x, t, cond_ctx, cond_pool, guidance, joint_attention_kwargs=kwargs)
+        v_null = diffusers_flux_forward(transformer, x, t, null_ctx, null_pool, guidance,
+                                        joint_attention_kwargs=ip_kwargs(tokens, 0.0, txt_len=null_ctx.shape[1]) if tokens is not None else None)
+        v = v_null + text_scale * (v_cond - v_null)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return codec.decode(x)

@@ -1,0 +1,98 @@
+"""The tiny attribute world: ground truth, pairs, judge, generator and backbone stages (small sizes)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from omni_attribute.train.data import parse_record
+from omni_attribute.world.evaluate import retrieval
+from omni_attribute.world.factors import (FACTORS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, Assignment, caption,
+                                          caption_without, sample_assignment, vary)
+from omni_attribute.world.generator import load_rgb_batch
+from omni_attribute.world.judge import accuracy, train_judge
+from omni_attribute.world.pairs import make_images, make_pairs, read_images
+from omni_attribute.world.render import render
+
+
+def test_assignments_and_captions():
+    rng = random.Random(0)
+    a = sample_assignment(rng)
+    b = vary(a, ["color", "shape"], rng)
+    assert b["color"] != a["color"] and b["shape"] != a["shape"] and b["size"] == a["size"]
+    text = caption(a)
+    assert a["color"] in text and a["shape"] in text and a["background"] in text
+    assert "background" not in caption_without(a, {"background"}) and a["shape"] not in caption_without(a, {"shape"})
+    with pytest.raises(ValueError, match="one known value per factor"):
+        Assignment.of({"shape": "hexagon"})
+    assert not set(HELD_OUT_PHRASINGS.values()) & {p for v in TRAIN_PHRASINGS.values() for p in v}
+
+
+def test_every_factor_changes_the_picture():
+    base = Assignment.of({f: v[0] for f, v in FACTORS.items()})
+    reference = torch.tensor(list(render(base).getdata()), dtype=torch.float32)
+    for factor, values in FACTORS.items():
+        other = Assignment.of({**base.as_dict(), factor: values[1]})
+        changed = torch.tensor(list(render(other).getdata()), dtype=torch.float32)
+        assert (changed - reference).abs().mean() > 1.0, factor
+
+
+def test_pairs_follow_the_schema_and_the_ground_truth(tmp_path):
+    path = make_pairs(tmp_path / "w", 30, seed=7)
+    again = make_pairs(tmp_path / "w2", 30, seed=7)
+    assert path.read_text() == again.read_text()
+    assert (tmp_path / "w" / "pairs" / "000003_a.png").read_bytes() == (tmp_path / "w2" / "pairs" / "000003_a.png").read_bytes()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        data = json.loads(line)
+        record = parse_record(data, f"pairs.jsonl:{number}", path.parent)
+        a, b = data["factors_a"], data["factors_b"]
+        assert {f for f in FACTORS if a[f] == b[f]} == set(data["shared"])
+        assert len(record.positive_attributes) == len(data["shared"])
+        assert len(record.negative_attributes) == len(FACTORS) - len(data["shared"])
+        assert all(p in sum(TRAIN_PHRASINGS.values(), ()) for p in record.positive_attributes + record.negative_attributes)
+
+
+def test_judge_reads_every_factor(tmp_path):
+    train_rows = read_images(make_images(tmp_path / "train", 1500, seed=1))
+    test_rows = read_images(make_images(tmp_path / "test", 200, seed=2))
+    judge = train_judge(load_rgb_batch([p for p, _, _ in train_rows]), [a for _, a, _ in train_rows], epochs=6)
+    scores = accuracy(judge, load_rgb_batch([p for p, _, _ in test_rows]), [a for _, a, _ in test_rows])
+    assert min(scores.values()) > 0.8, scores
+
+
+def test_retrieval_metric_on_known_embeddings():
+    rng = random.Random(3)
+    assignments = [sample_assignment(rng) for _ in range(120)]
+    onehot = {f: torch.nn.functional.one_hot(torch.tensor([FACTORS[f].index(a[f]) for a in assignments]),
+                                              len(FACTORS[f])).float() + 0.01 * torch.randn(120, len(FACTORS[f]))
+              for f in FACTORS}
+    perfect = retrieval(onehot, assignments)
+    for f, row in perfect.items():
+        assert row["precision"] == 1.0 and abs(row["leakage"] - row["leakage_chance"]) < 0.1
+    blind = retrieval({f: torch.randn(120, 8) for f in FACTORS}, assignments)
+    assert all(abs(row["precision"] - row["chance"]) < 0.15 for row in blind.values())
+
+
+def test_generator_and_captioner_stages_run_and_reload(tmp_path, tiny_backbone):
+    from transformers import AutoTokenizer
+
+    from omni_attribute.backbone import load_backbone
+    from omni_attribute.world.backbone import pretrain_captioner
+    from omni_attribute.world.generator import load_world_generator, sample_images, train_world_generator
+
+    rows = read_images(make_images(tmp_path / "img", 16, seed=4))
+    images, captions = load_rgb_batch([p for p, _, _ in rows]), [c for _, _, c in rows]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone), fix_mistral_regex=False)
+    losses = []
+    folder = train_world_generator(images, captions, tokenizer, tmp_path / "gen", steps=4, batch_size=4,
+                                   progress=lambda s, n, loss: losses.append(loss))
+    assert len(losses) == 4 and all(l == l for l in losses)
+    transformer, text, layout = load_world_generator(folder, tokenizer)
+    out = sample_images(transformer, text, layout, captions[:2], steps=2)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    assert torch.equal(out, sample_images(transformer, text, layout, captions[:2], steps=2))
+    pretrained = pretrain_captioner(tiny_backbone, tmp_path / "bb", images, captions, steps=2, batch_size=2)
+    assert load_backbone(pretrained).info()["hidden_size"] == 64
