@@ -32,6 +32,22 @@ log="$cache/editable-install.log"
 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" >"$log" 2>&1 \
   || { cat "$log" >&2; echo "[setup] installing this checkout failed (log above)" >&2; exit 1; }
 
+# Browser tests: Debian's Chromium and playwright-core (driven with executablePath; no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium for the browser tests" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
+  else
+    echo "[setup] chromium is missing: install Debian's package (apt-get install chromium)" >&2
+    exit 1
+  fi
+fi
+command -v node >/dev/null 2>&1 || { echo "[setup] node is missing: install Node.js 18+ (apt-get install nodejs npm)" >&2; exit 1; }
+if [ ! -f "$cache/node/node_modules/playwright-core/package.json" ]; then
+  mkdir -p "$cache/node"
+  npm install --silent --no-audit --no-fund --prefix "$cache/node" playwright-core@1.57.0 >&2
+fi
+
 # The ComfyUI host (COMFYUI_ROOT wins when set).
 "$venv/bin/python" -m omni_attribute.comfy_host provision >&2
 

@@ -1,5 +1,5 @@
 // Omni-Attribute frontend extension: shows what the Save node wrote and what the Encode node will do.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js"; // served at /extensions/<plugin>/js/
 
 const SUMMARY = "omni_attribute_summary";
 
