@@ -46,3 +46,38 @@ def retrieval(embeddings: dict[str, torch.Tensor], assignments: list[Assignment]
                       "leakage": sum(hits[g] for g in others) / len(others),
                       "leakage_chance": sum(chance[g] for g in others) / len(others)}
     return results
+
+
+@torch.no_grad()
+def attribute_tokens(encoder, images: torch.Tensor, factors: list[str], phrasings: dict[str, str] = HELD_OUT_PHRASINGS
+                     ) -> torch.Tensor:
+    """Tokens of image i under factor i's name: [B, M, D]."""
+    template = encoder.metadata.prompt_template
+    rows = [encoder.encode_image(images[i:i + 1].to(encoder.compute_device),
+                                 [format_instruction([phrasings[f]], template)])[0][0].float().cpu()
+            for i, f in enumerate(factors)]
+    return torch.stack(rows)
+
+
+def personalization_scores(judged: list[dict], references: list[Assignment], targets: list[Assignment],
+                           asked: list[str]) -> dict[str, float]:
+    """attribute fidelity: the asked factor has the reference's value; text fidelity: the other factors
+    have the prompt's values; copy-paste: where reference and prompt differ on another factor, how
+    often the image shows the reference's value instead."""
+    fidelity, text, copied, copy_cases = 0.0, 0.0, 0.0, 0
+    for seen, ref, target, f in zip(judged, references, targets, asked):
+        fidelity += seen[f] == ref[f]
+        others = [g for g in FACTORS if g != f]
+        text += sum(seen[g] == target[g] for g in others) / len(others)
+        for g in others:
+            if ref[g] != target[g]:
+                copy_cases += 1
+                copied += seen[g] == ref[g]
+    n = len(judged)
+    return {"attribute_fidelity": fidelity / n, "text_fidelity": text / n, "copy_paste": copied / max(1, copy_cases)}
+
+
+def composition_scores(judged: list[dict], references: list[list[Assignment]], asked: list[list[str]]) -> float:
+    """Fraction of asked attributes (one per reference) that the generated image carries."""
+    hits = [seen[f] == ref[f] for seen, refs, fs in zip(judged, references, asked) for ref, f in zip(refs, fs)]
+    return sum(hits) / len(hits)
