@@ -23,6 +23,9 @@ class DataConfig:
     pairs: str | list[str] = ""          # JSONL file(s) or glob
     validation_pairs: str | list[str] | None = None
     image_size: int = 32                 # training resolution of the generator's target images (square)
+    streaming: bool = False              # read pairs as a stream (large shard sets) instead of indexing them
+    shuffle_buffer: int = 1024           # streaming: size of the seeded shuffle buffer
+    preflight_lines: int = 2000          # streaming: lines checked (schema, image files) before training
 
 
 @dataclass

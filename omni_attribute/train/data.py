@@ -179,3 +179,41 @@ def choose_attributes(record: PairRecord, rng: random.Random) -> tuple[str, str 
     positive = rng.choice(record.positive_attributes)
     negative = rng.choice(record.negative_attributes) if record.negative_attributes else None
     return positive, negative
+
+
+class StreamingPairs:
+    """Pairs read as a stream, never held in memory: for large JSONL shard sets.
+
+    Each pass ("epoch") visits the shard files in a seeded order, keeps this process's lines (index
+    modulo world size), and shuffles through a seeded buffer. Everything is determined by the seed and
+    the number of records consumed, so a resumed run skips that many and continues identically.
+    """
+
+    def __init__(self, files: list[Path], rank: int = 0, world_size: int = 1, seed: int = 0, buffer: int = 1024):
+        self.files, self.rank, self.world_size, self.seed, self.buffer = files, rank, world_size, seed, buffer
+
+    def _epoch(self, epoch: int) -> Iterator[PairRecord]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        files = list(self.files)
+        rng.shuffle(files)
+        pool: list[PairRecord] = []
+        for record in iter_records(files, self.rank, self.world_size):
+            pool.append(record)
+            if len(pool) >= self.buffer:
+                yield pool.pop(rng.randrange(len(pool)))
+        while pool:
+            yield pool.pop(rng.randrange(len(pool)))
+
+    def records(self, consumed: int = 0) -> Iterator[PairRecord]:
+        """Endless stream of records, starting after ``consumed`` of them."""
+        epoch, produced = 0, 0
+        while True:
+            empty = True
+            for record in self._epoch(epoch):
+                empty = False
+                if produced >= consumed:
+                    yield record
+                produced += 1
+            if empty:
+                raise DatasetError(f"no pairs for process {self.rank} of {self.world_size} in {self.files}")
+            epoch += 1

@@ -29,7 +29,8 @@ from ..encoder import AttributeEncoder, backbone_info_from_config, build_encoder
 from ..lora import DEFAULT_TARGETS, load_lora_state_dict
 from ..prompt import format_instruction
 from .config import TrainConfig
-from .data import PairDataset, PairSample, check_images_exist, choose_attributes, collate, iter_records, shard_files
+from .data import (PairDataset, PairSample, StreamingPairs, check_images_exist, choose_attributes, collate,
+                   iter_records, shard_files)
 from .generator import Generator, build_generator
 from .losses import (contrastive_loss, delta_pos_neg, flow_matching_loss, in_batch_contrastive_loss, noisy_latents,
                      sample_timesteps)
@@ -122,8 +123,13 @@ def adapter_metadata(config: TrainConfig, backbone_info: dict) -> AdapterMetadat
 
 
 def preflight(config: TrainConfig) -> tuple[list, dict]:
-    """Everything that can be checked without loading a model: data, images, backbone vs adapter sizes."""
-    records = list(iter_records(shard_files(config.data.pairs)))
+    """Everything that can be checked without loading a model: data, images, backbone vs adapter sizes.
+    Streaming runs check the first ``data.preflight_lines`` records only."""
+    stream = iter_records(shard_files(config.data.pairs))
+    if config.data.streaming:
+        records = [record for _, record in zip(range(config.data.preflight_lines), stream)]
+    else:
+        records = list(stream)
     if not records:
         raise ValueError(f"no pairs in {config.data.pairs}")
     check_images_exist(records)
@@ -282,7 +288,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     warmup = max(1, config.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    state = {"global_step": 0, "micro_index": 0, "skipped_samples": 0, "skipped_batches": 0}
+    state = {"global_step": 0, "micro_index": 0, "consumed": 0, "skipped_samples": 0, "skipped_batches": 0}
     found = latest_checkpoint(config) if resume else None
     if found:
         state = restore_checkpoint(found, model, optimizer, scheduler)
@@ -290,17 +296,27 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.runtime.tensorboard:
         accelerator.init_trackers("omni-attribute")
-    dataset = PairDataset(records, config.data.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if config.data.streaming:  # records come from the stream; the dataset only decodes them
+        stream = StreamingPairs(shard_files(config.data.pairs), rank, world, config.seed, config.data.shuffle_buffer)
+        pending = stream.records(state.get("consumed", 0))
+        dataset = PairDataset([], config.data.image_size)
+    else:
+        dataset = PairDataset(records, config.data.image_size)
     metrics_path = output / "metrics.jsonl"
     bar = tqdm(total=config.optim.max_steps, initial=state["global_step"], disable=not (progress and accelerator.is_main_process),
                desc="training", unit="step")
     window: list[dict] = []
     started = time.time()
     while state["global_step"] < config.optim.max_steps:
-        indices = batch_indices(len(records), config.optim.batch_size, world, rank, state["micro_index"], config.seed)
         before = dataset.skips.skipped
-        batch = collate([dataset[i] for i in indices])
+        if config.data.streaming:
+            dataset.records = [next(pending) for _ in range(config.optim.batch_size)]
+            state["consumed"] = state.get("consumed", 0) + config.optim.batch_size
+            batch = collate([dataset[i] for i in range(len(dataset.records))])
+        else:
+            indices = batch_indices(len(records), config.optim.batch_size, world, rank, state["micro_index"], config.seed)
+            batch = collate([dataset[i] for i in indices])
         state["skipped_samples"] += dataset.skips.skipped - before
         step_seed = (config.seed * 1_000_003 + state["micro_index"]) * 97 + rank
         state["micro_index"] += 1
