@@ -6,7 +6,6 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..omni_attribute.adapter_file import read_adapter_metadata
 from ..omni_attribute.encoder import load_encoder
 from ..omni_attribute.prompt import parse_attribute_text
 from . import folders

@@ -133,16 +133,21 @@ class IPAdapter(nn.Module):
                                        + "; ".join(problems))
 
 
-def load_ip_adapter(generator_metadata: dict | None, tensors: dict[str, torch.Tensor], adapter_name: str) -> IPAdapter:
+def generator_metadata(layout, config: IPAdapterConfig) -> dict:
+    """The adapter file's ``generator`` entry: the DiT's layout (a FluxLayout) and where the IP-Adapter sits."""
+    return {"family": config.family, "layout": layout.to_dict(), "ip": config.to_dict()}
+
+
+def load_ip_adapter(generator: dict | None, tensors: dict[str, torch.Tensor], adapter_name: str) -> IPAdapter:
     """Build the IP modules from an adapter file's ``generator`` metadata and ``ip_adapter`` tensors."""
     from .errors import AdapterFileError
 
-    if not generator_metadata or "ip" not in generator_metadata or not tensors:
+    if not generator or "ip" not in generator or not tensors:
         raise AdapterFileError(
             f"{adapter_name} has no IP-Adapter weights: it can encode attributes but cannot inject them into a "
             "generator. Use an adapter trained with the generator (omni-attribute-train writes both)."
         )
-    module = IPAdapter(IPAdapterConfig.from_dict(generator_metadata["ip"]))
+    module = IPAdapter(IPAdapterConfig.from_dict(generator["ip"]))
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

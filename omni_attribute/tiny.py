@@ -80,11 +80,6 @@ def tiny_adapter_metadata(backbone_info: dict, out_dim: int = 64, num_tokens: in
     )
 
 
-def generator_metadata(layout, ip_config) -> dict:
-    """The adapter file's ``generator`` entry: the DiT layout and where the IP-Adapter sits."""
-    return {"family": "flux", "layout": layout.to_dict(), "ip": ip_config.to_dict()}
-
-
 def make_untrained_adapter(backbone_folder: str | Path, adapter_path: str | Path, seed: int = 0,
                            out_dim: int = 64, num_tokens: int = 4, generator_layout=None,
                            ip_blocks: tuple[str, str] = ("all", "all")) -> Path:
@@ -94,7 +89,7 @@ def make_untrained_adapter(backbone_folder: str | Path, adapter_path: str | Path
     """
     from .backbone import load_backbone
     from .encoder import build_encoder
-    from .ip_adapter import IPAdapter, IPAdapterConfig
+    from .ip_adapter import IPAdapter, IPAdapterConfig, generator_metadata
 
     backbone = load_backbone(backbone_folder)
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
-from ..ip_adapter import IPAdapter, IPAdapterConfig, attach_to_diffusers, ip_kwargs
+from ..ip_adapter import IPAdapter, IPAdapterConfig, attach_to_diffusers, generator_metadata, ip_kwargs
 
 
 class PixelCodec(nn.Module):
@@ -135,7 +135,7 @@ class Generator(nn.Module):
         return diffusers_flux_forward(self.transformer, x_t, t, context, pooled, guidance, joint_attention_kwargs=kwargs)
 
     def metadata(self) -> dict:
-        return {"family": "flux", "layout": self.layout.to_dict(), "ip": self.ip.config.to_dict()}
+        return generator_metadata(self.layout, self.ip.config)
 
 
 def build_generator(spec: GeneratorSpec, tokenizer, context_dim: int | None = None,

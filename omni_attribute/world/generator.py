@@ -83,29 +83,10 @@ def load_world_generator(folder: str | Path, tokenizer):
     return transformer, text.eval().requires_grad_(False), layout
 
 
-@torch.no_grad()
 def sample_images(transformer, text, layout: FluxLayout, captions: list[str], seed: int = 0, steps: int = 20,
-                  text_scale: float = 3.0, size: int = 32, tokens: torch.Tensor | None = None,
-                  token_weight: float = 1.0) -> torch.Tensor:
-    """Euler sampling of the rectified flow with CFG on the caption (and optional IP tokens on the
-    conditional branch). Returns images [B,3,size,size] in [0,1]."""
-    codec = PixelCodec()
-    b = len(captions)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, codec.latent_channels, size // 2, size // 2, generator=g)
-    cond_ctx, cond_pool = text(captions)
-    null_ctx, null_pool = text([""] * b)
-    guidance = torch.full((b,), 1.0) if layout.guidance_embed else None
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
-    for i in range(steps):
-        t = torch.full((b,), float(sigmas[i]))
-        kwargs = ip_kwargs(tokens, token_weight, txt_len=cond_ctx.shape[1]) if tokens is not None else None
-        v_cond = diffusers_flux_forward(transformer, x, t, cond_ctx, cond_pool, guidance, joint_attention_kwargs=kwargs)
-        v_null = diffusers_flux_forward(transformer, x, t, null_ctx, null_pool, guidance,
-                                        joint_attention_kwargs=ip_kwargs(tokens, 0.0, txt_len=null_ctx.shape[1]) if tokens is not None else None)
-        v = v_null + text_scale * (v_cond - v_null)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return codec.decode(x)
+                  text_scale: float = 3.0, size: int = 32) -> torch.Tensor:
+    """Text-to-image with classifier-free guidance on the caption: [B,3,size,size] in [0,1]."""
+    return sample_composed(transformer, text, layout, captions, [], [], seed, steps, text_scale, size)
 
 
 @torch.no_grad()
