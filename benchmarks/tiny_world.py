@@ -82,7 +82,7 @@ def main() -> None:
     started = time.time()
     report: dict = {"size": args.size, "seed": seed, "stages": {}}
 
-    data, cached = stage(work, "data", {"size": size, "seed": seed, "v": 1}, force)
+    data, cached = stage(work, "data", {"size": size, "seed": seed, "v": 2}, force)
     if not cached:
         make_images(data / "gen", size["gen_images"], seed + 1)
         make_images(data / "judge-train", size["judge_images"], seed + 2)
@@ -134,7 +134,8 @@ def main() -> None:
                 f"output_dir={enc_dir / 'run'}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}", "data.validation_pairs=null",
                 f"backbone.path={backbone}", "generator.kind=world", f"generator.path={gen_dir / 'model'}",
                 "generator.guidance=1.0", f"optim.max_steps={size['encoder_steps']}",
-                f"optim.batch_size={size['encoder_batch']}", "optim.lr=0.0003", "adapter.min_pixels=12544",
+                f"optim.batch_size={size['encoder_batch']}", "optim.lr=0.0003", "optim.ip_lr_scale=10",
+                "adapter.min_pixels=12544",
                 "adapter.max_pixels=12544", "runtime.validate_every=0", "runtime.checkpoint_every=100000",
                 "runtime.log_every=25", *overrides])
             train(config, resume=False, progress=False)

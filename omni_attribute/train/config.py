@@ -67,6 +67,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    ip_lr_scale: float = 1.0              # the IP-Adapter's learning rate = lr × this (its values start at zero)
     weight_decay: float = 0.0
     batch_size: int = 2
     grad_accum: int = 1

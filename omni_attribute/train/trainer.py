@@ -284,7 +284,11 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     model = build_model(config, backbone_info).to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    ip_params = {id(p) for p in model.generator.ip.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in ip_params]},
+              {"params": [p for p in trainable if id(p) in ip_params], "lr": config.optim.lr * config.optim.ip_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.optim.lr,
+                                  weight_decay=config.optim.weight_decay)
     warmup = max(1, config.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     state = {"global_step": 0, "micro_index": 0, "consumed": 0, "skipped_samples": 0, "skipped_batches": 0}

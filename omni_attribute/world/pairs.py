@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, sample_assignment, vary
+from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, caption_without, sample_assignment, vary
 from .render import render
 
 
@@ -29,7 +29,11 @@ def make_images(folder: str | Path, count: int, seed: int, size: int = 32) -> Pa
 def make_pairs(folder: str | Path, count: int, seed: int, size: int = 32,
                phrasings: dict[str, tuple[str, ...]] = TRAIN_PHRASINGS, max_shared: int = 4) -> Path:
     """``count`` pairs sharing 1..max_shared factors and differing in the rest; positive attributes name
-    the shared factors, negative ones the differing factors (a random phrasing each)."""
+    the shared factors, negative ones the differing factors (a random phrasing each).
+
+    Captions leave the shared factors out: a world caption otherwise names every factor, and the
+    generative loss would then never need the reference's tokens (real captions do not spell out an
+    identity or a material either)."""
     folder = Path(folder)
     (folder / "pairs").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -47,7 +51,8 @@ def make_pairs(folder: str | Path, count: int, seed: int, size: int = 32,
             "image_a": paths[0], "image_b": paths[1],
             "positive_attributes": [rng.choice(phrasings[f]) for f in shared],
             "negative_attributes": [rng.choice(phrasings[f]) for f in differ],
-            "caption_a": caption(a), "caption_b": caption(b), "source": "tiny-world", "id": f"{seed}-{i}",
+            "caption_a": caption_without(a, set(shared)), "caption_b": caption_without(b, set(shared)),
+            "source": "tiny-world", "id": f"{seed}-{i}",
             "factors_a": a.as_dict(), "factors_b": b.as_dict(), "shared": shared,
         })
     path = folder / "pairs.jsonl"

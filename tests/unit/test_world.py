@@ -50,6 +50,10 @@ def test_pairs_follow_the_schema_and_the_ground_truth(tmp_path):
         record = parse_record(data, f"pairs.jsonl:{number}", path.parent)
         a, b = data["factors_a"], data["factors_b"]
         assert {f for f in FACTORS if a[f] == b[f]} == set(data["shared"])
+        if "color" in data["shared"]:  # captions leave the shared factors to the reference
+            assert a["color"] not in data["caption_a"] and b["color"] not in data["caption_b"]
+        else:
+            assert a["color"] in data["caption_a"]
         assert len(record.positive_attributes) == len(data["shared"])
         assert len(record.negative_attributes) == len(FACTORS) - len(data["shared"])
         assert all(p in sum(TRAIN_PHRASINGS.values(), ()) for p in record.positive_attributes + record.negative_attributes)
