@@ -19,13 +19,13 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 
 import torch
 
 import omni_attribute
 from omni_attribute.backbone import load_backbone
 from omni_attribute.encoder import build_encoder
+from benchmarks.timing import timed
 from omni_attribute.tiny import comfyui_tokenizer_dir, make_tiny_backbone_folder, tiny_adapter_metadata
 
 ATTRIBUTES = ["object color", "object shape", "surface pattern", "background color", "lighting direction",
@@ -64,16 +64,6 @@ def build(size: str, device: str, dtype: torch.dtype, root: Path):
     metadata.image = {"min_pixels": 28 * 28, "max_pixels": 448 * 448}
     encoder = build_encoder(backbone, metadata).to(device=device, dtype=dtype).eval()
     return encoder
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import psutil
 import torch
 
 from benchmarks.ip_adapter import build, flux_benchmark_args
+from benchmarks.timing import timed
 from omni_attribute.comfy_host import import_in_process
 
 
@@ -101,14 +102,7 @@ def main() -> None:
 
         def sampler(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
             s = sigmas[0] * x.new_ones([x.shape[0]])
-            for _ in range(1):
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model_fn(x, s, **extra_args)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+            times.append(timed(lambda: model_fn(x, s, **extra_args), args.device))
             return x
 
         if args.device.startswith("cuda"):

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 import argparse
 import json
 import statistics
-import time
 import uuid
 
 import torch
 
+from benchmarks.timing import timed
 from omni_attribute.comfy_host import import_in_process
 from omni_attribute.flux_models import FluxLayout, build_comfy_flux, comfy_flux_forward
 
@@ -96,14 +96,9 @@ def main() -> None:
     times = {name: [] for name in variants}
     for round_ in range(args.repeats + 1):
         for name, model in variants.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(model)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            seconds = timed(lambda: step(model), args.device)
             if round_:  # round 0 is warm-up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"IP-Adapter per-step overhead: size={args.size} ({layout.hidden_size} wide, {layout.depth_double} double + "
