@@ -1,10 +1,16 @@
-"""The trainable connector: MLLM hidden states of the instruction → M attribute tokens of width D.
+"""The trainable connector: MLLM hidden states → M attribute tokens of width D.
 
 Paper's final configuration: 8 self-attention layers + 1 linear layer. The paper does not give
-widths or the token count; our defaults (documented in README) are M = 16 learned query tokens
-that attend, through the self-attention stack, to the MLLM's hidden states at the instruction
-positions, then one linear layer to the generator's context width D (4096 for FLUX). When the
-connector width differs from the MLLM hidden size an input projection is added in front.
+widths, the token count or which hidden states are read; our defaults (documented in README) are
+M = 16 learned query tokens that attend, through the self-attention stack, to the MLLM's last hidden
+states at the image positions and at the instruction positions (``read_image``; with it off, the
+instruction positions only), then one linear layer to the generator's context width D (4096 for
+FLUX). When the connector width differs from the MLLM hidden size an input projection is added.
+
+Reading the image positions lets the trainable connector pick the asked attribute out of the image
+states itself, guided by the instruction states; without it, everything must pass through the frozen
+MLLM's (LoRA-tuned) attention from the instruction to the image. The image states do not depend on the
+instruction, so the shared-prefix encoding still runs the image once for K attributes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class ConnectorConfig:
     num_layers: int = 8
     num_heads: int = 16
     mlp_ratio: float = 4.0
+    read_image: bool = True     # also read the image-token states (False: instruction states only)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,11 +1,12 @@
 """The attribute encoder E: Qwen2.5-VL (+ LoRA) reads the image and an instruction, the connector
-turns the hidden states after the image into M attribute tokens of width D plus their mean.
+turns the hidden states into M attribute tokens of width D plus their mean.
 
 Layout of one input: ``[system, user turn start, <vision_start>, image tokens, <vision_end>]``
 (the *prefix*, attribute-independent) followed by ``instruction + end of turn`` (the *suffix*).
-The connector reads only suffix positions, so one image encoded under K attribute instructions
-needs the prefix once: it is run once, its key/value cache is repeated K times and the K
-suffixes run as one batch. ``shared_prefix=False`` runs K full passes (the reference path).
+The connector reads the suffix positions (and, with ``read_image``, the image-token positions, which
+come before the instruction and so do not depend on it): one image encoded under K attribute
+instructions needs the prefix once: it is run once, its key/value cache is repeated K times and the
+K suffixes run as one batch. ``shared_prefix=False`` runs K full passes (the reference path).
 """
 
 from __future__ import annotations
@@ -98,16 +99,24 @@ class AttributeEncoder(nn.Module):
             input_ids=input_ids, image_grid_thw=grid, attention_mask=torch.ones_like(input_ids))
         return positions
 
-    def hidden_shared_prefix(self, pixel_values, grid, prefix, suffix, suffix_mask) -> torch.Tensor:
-        """Prefix once, its KV cache repeated for the K suffixes: hidden states [K,L,H] of the suffixes."""
+    def image_positions(self, prefix: torch.Tensor) -> torch.Tensor:
+        image_id = self.backbone.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        return (prefix[0] == image_id).nonzero().squeeze(1)
+
+    def hidden_shared_prefix(self, pixel_values, grid, prefix, suffix, suffix_mask
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix once, its KV cache repeated for the K suffixes: hidden states of the image tokens [1,N,H]
+        and of the suffixes [K,L,H]."""
         from transformers.cache_utils import DynamicCache
 
         k, length = suffix.shape
         p = prefix.shape[1]
         prefix_pos = self._rope(prefix, grid)
         cache = DynamicCache()
-        self.mllm.model(input_ids=prefix, pixel_values=pixel_values, image_grid_thw=grid, position_ids=prefix_pos,
-                        attention_mask=torch.ones_like(prefix), past_key_values=cache, use_cache=True)
+        prefix_out = self.mllm.model(input_ids=prefix, pixel_values=pixel_values, image_grid_thw=grid,
+                                     position_ids=prefix_pos, attention_mask=torch.ones_like(prefix),
+                                     past_key_values=cache, use_cache=True)
+        image_hidden = prefix_out.last_hidden_state[:, self.image_positions(prefix)]
         if k > 1:
             cache.batch_repeat_interleave(k)
         start = prefix_pos.max() + 1
@@ -115,21 +124,24 @@ class AttributeEncoder(nn.Module):
         mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=suffix.device), suffix_mask], dim=1)
         out = self.mllm.model(input_ids=suffix, position_ids=positions, attention_mask=mask, past_key_values=cache,
                               use_cache=True, cache_position=torch.arange(p, p + length, device=suffix.device))
-        return out.last_hidden_state
+        return image_hidden, out.last_hidden_state
 
-    def hidden_full(self, pixel_values, grid, prefix, suffix, suffix_mask) -> torch.Tensor:
-        """Reference path: one full pass per suffix; same result as hidden_shared_prefix."""
+    def hidden_full(self, pixel_values, grid, prefix, suffix, suffix_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference path: one full pass per suffix; same result as hidden_shared_prefix (the image states
+        are taken from the first pass)."""
         p = prefix.shape[1]
-        rows = []
+        rows, image_hidden = [], None
         for i in range(suffix.shape[0]):
             n = int(suffix_mask[i].sum())
             ids = torch.cat([prefix, suffix[i:i + 1, :n]], dim=1)
             out = self.mllm.model(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid,
                                   position_ids=self._rope(ids, grid), attention_mask=torch.ones_like(ids),
                                   use_cache=False)
+            if image_hidden is None:
+                image_hidden = out.last_hidden_state[:, self.image_positions(prefix)]
             hidden = out.last_hidden_state[:, p:]
             rows.append(torch.nn.functional.pad(hidden, (0, 0, 0, suffix.shape[1] - n)))
-        return torch.cat(rows)
+        return image_hidden, torch.cat(rows)
 
     def encode_image(self, rgb: torch.Tensor, instructions: list[str], shared_prefix: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +150,13 @@ class AttributeEncoder(nn.Module):
         prefix = self.prefix_ids(n_tokens)
         suffix, mask = self.suffix_ids(instructions)
         run = self.hidden_shared_prefix if shared_prefix else self.hidden_full
-        hidden = run(pixel_values, grid, prefix, suffix, mask)
-        return self.connector(hidden.to(self.dtype), mask.bool())
+        image_hidden, hidden = run(pixel_values, grid, prefix, suffix, mask)
+        mask = mask.bool()
+        if self.connector.config.read_image:
+            k = hidden.shape[0]
+            hidden = torch.cat([image_hidden.expand(k, -1, -1), hidden], dim=1)
+            mask = torch.cat([torch.ones(k, image_hidden.shape[1], dtype=torch.bool, device=mask.device), mask], dim=1)
+        return self.connector(hidden.to(self.dtype), mask)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, attribute_text: str | list[list[str]], shared_prefix: bool = True,

@@ -40,6 +40,7 @@ class AdapterConfig:
     connector_width: int = 1024
     connector_layers: int = 8
     connector_heads: int = 16
+    connector_reads_image: bool = True    # the connector also reads the image-token states
     lora_r: int = 32
     lora_alpha: float = 32
     lora_dropout: float = 0.0

@@ -30,6 +30,31 @@ def test_shared_prefix_equals_full_passes(encoder):
     assert torch.allclose(shared_pooled, full_pooled, atol=1e-4)
 
 
+def test_connector_reads_the_image_states_unless_told_not_to(encoder):
+    """With read_image the image-token states (computed once, before any instruction) join the
+    instruction states; the shared-prefix and full paths agree on them."""
+    image = torch.rand(1, 3, 56, 56)
+    pixel_values, grid, n = encoder.prepare_image(image)
+    prefix = encoder.prefix_ids(n)
+    suffix, mask = encoder.suffix_ids(encoder.instructions_for([["object color"], ["background"]]))
+    with torch.no_grad():
+        image_shared, _ = encoder.hidden_shared_prefix(pixel_values, grid, prefix, suffix, mask)
+        image_full, _ = encoder.hidden_full(pixel_values, grid, prefix, suffix, mask)
+    assert image_shared.shape == (1, n, 64) and torch.allclose(image_shared, image_full, atol=1e-4)
+    assert encoder.connector.config.read_image
+    seen = []
+    hook = encoder.connector.input_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            encoder.encode_image(image, ["Exclusively describe object color:"])
+            object.__setattr__(encoder.connector.config, "read_image", False)
+            encoder.encode_image(image, ["Exclusively describe object color:"])
+    finally:
+        object.__setattr__(encoder.connector.config, "read_image", True)
+        hook.remove()
+    assert seen[0] == seen[1] + n
+
+
 def test_rows_are_image_major_and_depend_on_image_and_attribute(encoder):
     torch.manual_seed(1)
     images = torch.rand(2, 64, 64, 3)
