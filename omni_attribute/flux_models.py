@@ -155,7 +155,7 @@ def init_flux_parameters(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 def build_comfy_flux(layout: FluxLayout, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str | None = None) -> Any:
+                     device: torch.device | str | None = None, sampling_shift: float | None = None) -> Any:
     """A ComfyUI ``model_base.Flux`` (a ``BaseModel``) of this layout, its weights initialised from ``seed``.
 
     ``device="meta"`` builds it without memory (no initialisation). FLUX.1-schnell-like layouts
@@ -166,6 +166,8 @@ def build_comfy_flux(layout: FluxLayout, seed: int = 0, dtype: torch.dtype = tor
 
     config_class = supported_models.Flux if layout.guidance_embed else supported_models.FluxSchnell
     model_config = config_class(comfy_unet_config(layout))
+    if sampling_shift is not None:  # ComfyUI's default shift (1.15 dev, 1.0 schnell) unless the model says otherwise
+        model_config.sampling_settings = {**model_config.sampling_settings, "shift": sampling_shift}
     model_config.set_inference_dtype(dtype, None)
     device = torch.device(device) if device is not None else None
     model = model_config.get_model({}, "", device=device)

@@ -25,7 +25,8 @@ def comfyui_tokenizer_dir() -> Path:
     return comfyui_root() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
-def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2):
+def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2,
+                         rope_theta: float = 1_000_000.0, mlp_ratio: int = 2):
     from transformers import Qwen2_5_VLConfig
 
     heads = 4
@@ -33,9 +34,9 @@ def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: 
     section = head_dim // 2  # mrope sections (temporal, height, width) must add up to head_dim / 2
     mrope = [section - 2 * (section // 3), section // 3, section // 3]
     return Qwen2_5_VLConfig(
-        vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        vocab_size=151936, hidden_size=hidden_size, intermediate_size=mlp_ratio * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
-        rope_scaling={"type": "mrope", "mrope_section": mrope}, tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": mrope}, rope_theta=rope_theta, tie_word_embeddings=True,
         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
         vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
         image_token_id=151655, video_token_id=151656,
@@ -50,7 +51,7 @@ def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: 
 
 def make_tiny_backbone_folder(folder: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2,
                               tokenizer_dir: str | Path | None = None, vision_hidden: int = 32,
-                              vision_depth: int = 2) -> Path:
+                              vision_depth: int = 2, rope_theta: float = 1_000_000.0, mlp_ratio: int = 2) -> Path:
     """Write an HF-format tiny Qwen2.5-VL folder (config.json, model.safetensors, tokenizer files)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -58,7 +59,7 @@ def make_tiny_backbone_folder(folder: str | Path, seed: int = 0, hidden_size: in
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(
-        tiny_qwen25vl_config(hidden_size, layers, vision_hidden, vision_depth))
+        tiny_qwen25vl_config(hidden_size, layers, vision_hidden, vision_depth, rope_theta, mlp_ratio))
     model.save_pretrained(str(folder), safe_serialization=True)
     source = Path(tokenizer_dir) if tokenizer_dir else comfyui_tokenizer_dir()
     for name in TOKENIZER_FILES:

@@ -29,6 +29,21 @@ def tiny_adapter(tiny_backbone, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def world_generator(tmp_path_factory, tiny_backbone) -> Path:
+    """A tiny-world generator folder, trained for 4 steps on 16 world images (real files, real format)."""
+    from transformers import AutoTokenizer
+
+    from omni_attribute.world.generator import load_rgb_batch, train_world_generator
+    from omni_attribute.world.pairs import make_images, read_images
+
+    base = tmp_path_factory.mktemp("world")
+    rows = read_images(make_images(base / "images", 16, seed=4))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone), fix_mistral_regex=False)
+    return train_world_generator(load_rgb_batch([p for p, _, _ in rows]), [c for _, _, c in rows], tokenizer,
+                                 base / "tiny-world", steps=4, batch_size=4, seed=0)
+
+
+@pytest.fixture(scope="session")
 def narrow_backbone(tmp_path_factory, tokenizer_dir) -> Path:
     """A second tiny backbone of another hidden size (32), for mismatch tests."""
     return make_tiny_backbone_folder(tmp_path_factory.mktemp("backbones") / "tiny-qwen25vl-32", seed=2,

@@ -1,9 +1,12 @@
-"""A vision-language prior for the tiny MLLM: the paper starts from a pretrained Qwen2.5-VL; the tiny
-world's backbone (random at birth) is first trained as a captioner of world images (next-token loss on
-the caption after the image), then frozen like the real one. Saved as an HF-format folder."""
+"""A vision-language prior for the tiny MLLM: the paper starts from a pretrained, instruction-following
+Qwen2.5-VL; the tiny world's backbone (random at birth) is first trained on world images to caption them
+("Describe the image:" → the caption) and to answer attribute requests ("Describe the <phrasing>:" → that
+factor's words), next-token loss on the answer only, then frozen like the real one. Only the training
+phrasings are used, so the held-out phrasings stay unseen. Saved as an HF-format folder."""
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -15,8 +18,18 @@ from ..connector import Connector, ConnectorConfig
 from ..adapter_file import AdapterMetadata
 from ..encoder import AttributeEncoder
 from ..lora import DEFAULT_TARGETS
+from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, factor_words
 
-INSTRUCTION = "Describe the image:<|im_end|>\n<|im_start|>assistant\n"
+TURN_END = "<|im_end|>\n<|im_start|>assistant\n"
+CAPTION_SHARE = 0.5  # the rest of the samples are attribute requests
+
+
+def caption_or_request(assignment: Assignment, rng: random.Random) -> tuple[str, str]:
+    """(instruction, answer) for one image: its caption, or one factor named by a training phrasing."""
+    if rng.random() < CAPTION_SHARE:
+        return "Describe the image:", caption(assignment)
+    factor = rng.choice(list(FACTORS))
+    return f"Describe the {rng.choice(TRAIN_PHRASINGS[factor])}:", factor_words(assignment, factor)
 
 
 def _image_inputs(helper: AttributeEncoder, images: torch.Tensor):
@@ -28,7 +41,7 @@ def _image_inputs(helper: AttributeEncoder, images: torch.Tensor):
     return torch.cat(pixel_values), torch.cat(grids), n_tokens
 
 
-def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images: torch.Tensor, captions: list[str],
+def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
                        steps: int = 800, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
                        image_pixels: int = 112 * 112, progress=None) -> Path:
     backbone = load_backbone(random_folder)
@@ -43,23 +56,31 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
     for step in range(steps):
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator).tolist()
         with torch.no_grad():
             pixel_values, grids, n_tokens = _image_inputs(helper, images[index])
-        prefix = PREFIX_TEMPLATE.format(system=SYSTEM_PROMPT, image=IMAGE_PAD * n_tokens) + INSTRUCTION
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        rows = [prefix_ids + tokenizer(captions[i] + "<|im_end|>", add_special_tokens=False)["input_ids"] for i in index]
+        image_ids = tokenizer(PREFIX_TEMPLATE.format(system=SYSTEM_PROMPT, image=IMAGE_PAD * n_tokens),
+                              add_special_tokens=False)["input_ids"]
+        rows, answer_starts = [], []
+        for i in index:
+            instruction, answer = caption_or_request(assignments[i], rng)
+            question = image_ids + tokenizer(instruction + TURN_END, add_special_tokens=False)["input_ids"]
+            rows.append(question + tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+            answer_starts.append(len(question))
         longest = max(len(r) for r in rows)
         ids = torch.full((batch_size, longest), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
+        answer = torch.zeros_like(ids, dtype=torch.bool)
         for r, row in enumerate(rows):
             ids[r, :len(row)] = torch.tensor(row)
             mask[r, :len(row)] = 1
+            answer[r, answer_starts[r]:len(row)] = True
         hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grids).last_hidden_state
-        # next-token loss on the caption only (logits only where needed: the vocabulary is 152k wide)
+        # next-token loss on the answer only (logits only where needed: the vocabulary is 152k wide)
         targets = ids[:, 1:]
-        keep = mask[:, 1:].bool() & (torch.arange(1, longest)[None] >= len(prefix_ids))
+        keep = answer[:, 1:]
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
         optimizer.zero_grad()

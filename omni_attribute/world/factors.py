@@ -59,24 +59,33 @@ def vary(base: Assignment, factors: list[str], rng: random.Random) -> Assignment
     return Assignment.of(values)
 
 
+PATTERN_WORDS = {"solid": "plain", "stripes": "striped", "dots": "dotted"}
+LIGHTING_WORDS = {"left": "lit from the left", "right": "lit from the right", "top": "lit from above",
+                  "bottom": "lit from below"}
+
+
+def factor_words(a: Assignment, factor: str) -> str:
+    """How a caption says ``a``'s value of one factor."""
+    if factor == "pattern":
+        return PATTERN_WORDS[a["pattern"]]
+    if factor == "lighting":
+        return LIGHTING_WORDS[a["lighting"]]
+    if factor == "background":
+        return f"a {a['background']} background"
+    return a[factor]
+
+
 def caption(a: Assignment) -> str:
-    pattern = {"solid": "plain", "stripes": "striped", "dots": "dotted"}[a["pattern"]]
-    light = {"left": "lit from the left", "right": "lit from the right", "top": "lit from above",
-             "bottom": "lit from below"}[a["lighting"]]
-    return f"a {a['size']} {pattern} {a['color']} {a['shape']} on a {a['background']} background, {light}"
+    return caption_without(a, set())
 
 
 def caption_without(a: Assignment, omitted: set[str]) -> str:
     """A caption that does not mention ``omitted`` factors (for prompts that leave them to a reference)."""
-    words = {
-        "size": a["size"], "pattern": {"solid": "plain", "stripes": "striped", "dots": "dotted"}[a["pattern"]],
-        "color": a["color"], "shape": a["shape"] if "shape" not in omitted else "object",
-    }
-    head = " ".join(w for k, w in words.items() if k not in omitted or k == "shape")
-    parts = [f"a {head}"]
+    head = [factor_words(a, f) for f in ("size", "pattern", "color") if f not in omitted]
+    head.append(a["shape"] if "shape" not in omitted else "object")
+    text = "a " + " ".join(head)
     if "background" not in omitted:
-        parts.append(f"on a {a['background']} background")
+        text += " on " + factor_words(a, "background")
     if "lighting" not in omitted:
-        parts.append({"left": "lit from the left", "right": "lit from the right", "top": "lit from above",
-                      "bottom": "lit from below"}[a["lighting"]])
-    return ", ".join([" ".join(parts[:2])] + parts[2:]) if len(parts) > 1 else parts[0]
+        text += ", " + factor_words(a, "lighting")
+    return text

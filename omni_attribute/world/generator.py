@@ -1,6 +1,7 @@
 """The world's text-to-image generator: a small FLUX (diffusers twin) + text encoder trained from scratch
 with the rectified-flow loss on world images and captions, then frozen. Saved as a folder:
-``transformer/`` (diffusers), ``text_encoder.safetensors`` and ``world_generator.json``."""
+``transformer/`` (diffusers), ``text_encoder.safetensors``, ``tokenizer/`` and ``world_generator.json``.
+The same folder loads in ComfyUI (``load_world_for_comfy``): the DiT as ComfyUI's own FLUX model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..files import atomic_save_safetensors
-from ..flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
+from ..flux_models import FluxLayout, build_comfy_flux, build_diffusers_flux, diffusers_flux_forward, diffusers_to_comfy_flux
 from ..ip_adapter import ip_kwargs
 from ..train.generator import PixelCodec, TinyTextEncoder
 from ..train.losses import flow_matching_loss, noisy_latents, sample_timesteps
@@ -64,23 +65,54 @@ def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, 
     folder.mkdir(parents=True, exist_ok=True)
     transformer.eval().save_pretrained(str(folder / "transformer"), safe_serialization=True)
     atomic_save_safetensors(text.state_dict(), folder / "text_encoder.safetensors", {"kind": "tiny-text-encoder"})
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
     (folder / META).write_text(json.dumps({"layout": layout.to_dict(), "text": {"max_length": text.max_length,
                                                                                 "buckets": text.buckets},
                                            "codec": "pixel", "steps": steps, "seed": seed}, indent=2))
     return folder
 
 
-def load_world_generator(folder: str | Path, tokenizer):
-    """(transformer, text encoder, layout) of a saved world generator, frozen."""
+def read_world_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a tiny-world generator folder (no {META}); "
+                                "benchmarks/tiny_world.py writes one")
+    return json.loads(path.read_text())
+
+
+def load_world_text_encoder(folder: str | Path, tokenizer=None) -> TinyTextEncoder:
+    """The generator's frozen text encoder, with the tokenizer saved beside it unless one is given."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    meta = read_world_meta(folder)
+    layout = FluxLayout.from_dict(meta["layout"])
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), fix_mistral_regex=False)
+    text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim, **meta["text"])
+    text.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
+    return text.eval().requires_grad_(False)
+
+
+def load_world_generator(folder: str | Path, tokenizer=None):
+    """(transformer, text encoder, layout) of a saved world generator, frozen (diffusers side)."""
     from diffusers import FluxTransformer2DModel
 
     folder = Path(folder)
-    meta = json.loads((folder / META).read_text())
-    layout = FluxLayout.from_dict(meta["layout"])
+    layout = FluxLayout.from_dict(read_world_meta(folder)["layout"])
     transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).eval().requires_grad_(False)
-    text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim, **meta["text"])
-    text.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
-    return transformer, text.eval().requires_grad_(False), layout
+    return transformer, load_world_text_encoder(folder, tokenizer), layout
+
+
+def load_world_for_comfy(folder: str | Path):
+    """(ComfyUI FLUX ``BaseModel``, text encoder, layout): the diffusers weights mapped onto ComfyUI's own
+    FLUX, with the linear sigma schedule (shift 1) the world's sampler uses."""
+    folder = Path(folder)
+    layout = FluxLayout.from_dict(read_world_meta(folder)["layout"])
+    weights = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    model = build_comfy_flux(layout, sampling_shift=1.0)
+    model.diffusion_model.load_state_dict(diffusers_to_comfy_flux(weights, layout), strict=True)
+    return model.eval(), load_world_text_encoder(folder), layout
 
 
 def sample_images(transformer, text, layout: FluxLayout, captions: list[str], seed: int = 0, steps: int = 20,

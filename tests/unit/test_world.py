@@ -80,23 +80,43 @@ def test_retrieval_metric_on_known_embeddings():
     assert all(abs(row["precision"] - row["chance"]) < 0.15 for row in blind.values())
 
 
-def test_generator_and_captioner_stages_run_and_reload(tmp_path, tiny_backbone):
-    from transformers import AutoTokenizer
+def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministically(world_generator, tiny_backbone):
+    from omni_attribute.world.generator import load_world_generator, sample_images
 
+    transformer, text, layout = load_world_generator(world_generator)  # tokenizer/ saved beside the weights
+    captions = ["a small plain red circle on a gray background, lit from above", ""]
+    out = sample_images(transformer, text, layout, captions, steps=2)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    assert torch.equal(out, sample_images(transformer, text, layout, captions, steps=2))
+
+
+def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_generator, comfy_in_process):
+    from omni_attribute.flux_models import comfy_flux_forward, diffusers_flux_forward
+    from omni_attribute.world.generator import load_world_for_comfy, load_world_generator
+
+    transformer, text, layout = load_world_generator(world_generator)
+    comfy_model, comfy_text, _ = load_world_for_comfy(world_generator)
+    assert comfy_model.model_sampling.shift == 1.0  # the linear schedule the world's sampler uses
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 16, 16, 16, generator=gen)
+    sigma = torch.tensor([0.3, 0.8])
+    context, pooled = text(["a large striped blue square on a teal background, lit from the left", ""])
+    assert torch.equal(context, comfy_text(["a large striped blue square on a teal background, lit from the left", ""])[0])
+    guidance = torch.ones(2)
+    with torch.no_grad():
+        expected = diffusers_flux_forward(transformer, latent, sigma, context, pooled, guidance)
+        got = comfy_flux_forward(comfy_model, latent, sigma, context, pooled, guidance)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_captioner_stage_trains_and_reloads(tmp_path, tiny_backbone):
     from omni_attribute.backbone import load_backbone
     from omni_attribute.world.backbone import pretrain_captioner
-    from omni_attribute.world.generator import load_world_generator, sample_images, train_world_generator
 
-    rows = read_images(make_images(tmp_path / "img", 16, seed=4))
-    images, captions = load_rgb_batch([p for p, _, _ in rows]), [c for _, _, c in rows]
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone), fix_mistral_regex=False)
+    rows = read_images(make_images(tmp_path / "img", 8, seed=4))
     losses = []
-    folder = train_world_generator(images, captions, tokenizer, tmp_path / "gen", steps=4, batch_size=4,
-                                   progress=lambda s, n, loss: losses.append(loss))
-    assert len(losses) == 4 and all(l == l for l in losses)
-    transformer, text, layout = load_world_generator(folder, tokenizer)
-    out = sample_images(transformer, text, layout, captions[:2], steps=2)
-    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
-    assert torch.equal(out, sample_images(transformer, text, layout, captions[:2], steps=2))
-    pretrained = pretrain_captioner(tiny_backbone, tmp_path / "bb", images, captions, steps=2, batch_size=2)
+    pretrained = pretrain_captioner(tiny_backbone, tmp_path / "bb", load_rgb_batch([p for p, _, _ in rows]),
+                                    [a for _, a, _ in rows], steps=2, batch_size=2,
+                                    progress=lambda s, n, loss: losses.append(loss))
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
     assert load_backbone(pretrained).info()["hidden_size"] == 64

@@ -1,0 +1,251 @@
+"""The tiny attribute world end to end: data → judge → captioner backbone → generator → four encoders →
+evaluation. Each stage is cached in a folder keyed by its settings; a cached stage is reused and says so.
+
+Used by ``benchmarks/tiny_world.py`` (the table), the main job (``omni_attribute.demo``) and the CI test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..adapter_file import load_adapter
+from ..encoder import load_encoder
+from ..ip_adapter import attach_to_diffusers, load_ip_adapter
+from ..tiny import make_tiny_backbone_folder
+from ..train.config import load_config
+from ..train.trainer import train
+from .backbone import pretrain_captioner
+from .evaluate import attribute_tokens, composition_scores, embed_by_factor, personalization_scores, retrieval
+from .factors import FACTORS, Assignment, caption_without, sample_assignment
+from .generator import load_rgb_batch, load_world_generator, sample_composed, sample_images, train_world_generator
+from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
+from .pairs import make_images, make_pairs, read_images
+from .render import render
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_CONFIG = REPO / "configs" / "train_tiny.yaml"
+
+SIZES: dict[str, dict] = {
+    "full": {"gen_images": 4000, "gen_steps": 800, "gen_batch": 48, "caption_steps": 400, "judge_images": 2000,
+             "pairs": 2000, "encoder_steps": 200, "encoder_batch": 8, "eval_images": 240, "eval_cases": 72},
+    "ci": {"gen_images": 2000, "gen_steps": 400, "gen_batch": 32, "caption_steps": 250, "judge_images": 1500,
+           "pairs": 800, "encoder_steps": 80, "encoder_batch": 8, "eval_images": 160, "eval_cases": 36},
+}
+# The tiny MLLM: a real Qwen2.5-VL architecture, 4 layers of width 128, a 4-block vision tower of width 64.
+BACKBONE_SHAPE = {"hidden_size": 128, "layers": 4, "vision_hidden": 64, "vision_depth": 4}
+ENCODER_SETTINGS = ["optim.lr=0.0003", "optim.ip_lr_scale=10", "adapter.min_pixels=12544", "adapter.max_pixels=12544",
+                    "adapter.num_tokens=8", "adapter.connector_width=64", "adapter.connector_heads=4",
+                    "generator.guidance=1.0"]
+VARIANTS: dict[str, list[str]] = {
+    "Omni-Attribute (Lgen + Lcon)": ["loss.lambda_gen=1.0", "loss.lambda_con=0.1"],
+    "generative loss only": ["loss.lambda_gen=1.0", "loss.lambda_con=0.0"],
+    "contrastive loss only": ["loss.lambda_gen=0.0", "loss.lambda_con=0.1"],
+    "holistic encoder": ["loss.lambda_gen=1.0", "loss.lambda_con=0.0", "adapter.prompt_template='Describe the whole image:'"],
+}
+OMNI = "Omni-Attribute (Lgen + Lcon)"
+
+
+@dataclass
+class WorldModels:
+    """Where the trained world lives: what the ComfyUI main job loads."""
+    backbone: Path
+    generator: Path
+    judge: Path
+    adapters: dict[str, Path]
+
+
+def _stage(work: Path, name: str, settings: dict, force: set[str], log: Callable[[str], None]) -> tuple[Path, bool]:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    folder = work / f"{name}-{key}"
+    done = (folder / "done.json").is_file() and name not in force
+    log(f"[{name}] {'cached: reusing ' if done else 'running: '}{folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, done
+
+
+def _mark_done(folder: Path, info: dict) -> None:
+    (folder / "done.json").write_text(json.dumps(info, indent=2))
+
+
+def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = frozenset(),
+                variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print) -> tuple[WorldModels, dict]:
+    """Train (or reuse) every stage; returns the model paths and the stage reports."""
+    size, work = SIZES[size_name], Path(work).resolve()
+    stages: dict = {}
+    data, cached = _stage(work, "data", {"size": size, "seed": seed, "v": 3}, force, log)
+    if not cached:
+        make_images(data / "gen", size["gen_images"], seed + 1)
+        make_images(data / "judge-train", size["judge_images"], seed + 2)
+        make_images(data / "held-out", size["eval_images"], seed + 3)
+        make_pairs(data / "pairs", size["pairs"], seed + 4)
+        _mark_done(data, {})
+    gen_rows = read_images(data / "gen" / "images.jsonl")
+    held_out = read_images(data / "held-out" / "images.jsonl")
+
+    judge_dir, cached = _stage(work, "judge", {"data": data.name}, force, log)
+    if not cached:
+        rows = read_images(data / "judge-train" / "images.jsonl")
+        judge = train_judge(load_rgb_batch([p for p, _, _ in rows]), [a for _, a, _ in rows], epochs=6, seed=seed)
+        scores = accuracy(judge, load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out])
+        save_judge(judge, judge_dir / "judge.safetensors")
+        _mark_done(judge_dir, {"held_out_accuracy": scores})
+    stages["judge"] = json.loads((judge_dir / "done.json").read_text())
+
+    backbone_dir, cached = _stage(work, "backbone", {"data": data.name, "steps": size["caption_steps"], "seed": seed,
+                                                     "shape": BACKBONE_SHAPE, "v": 2}, force, log)
+    if not cached:
+        make_tiny_backbone_folder(backbone_dir / "random", seed=seed, **BACKBONE_SHAPE)
+        last: list[float] = []
+        pretrain_captioner(backbone_dir / "random", backbone_dir / "captioner",
+                           load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows],
+                           steps=size["caption_steps"], seed=seed, progress=_every(50, "backbone", log, last))
+        _mark_done(backbone_dir, {"final_loss": last[-1] if last else None})
+    backbone = backbone_dir / "captioner"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone), fix_mistral_regex=False)
+
+    gen_dir, cached = _stage(work, "generator", {"data": data.name, "steps": size["gen_steps"],
+                                                 "batch": size["gen_batch"], "seed": seed, "v": 2}, force, log)
+    if not cached:
+        train_world_generator(load_rgb_batch([p for p, _, _ in gen_rows]), [c for _, _, c in gen_rows], tokenizer,
+                              gen_dir / "model", steps=size["gen_steps"], batch_size=size["gen_batch"], seed=seed,
+                              progress=_every(100, "generator", log))
+        transformer, text, layout = load_world_generator(gen_dir / "model")
+        judge = load_judge(judge_dir / "judge.safetensors")
+        images = sample_images(transformer, text, layout, [c for _, _, c in held_out[:96]], seed=seed)
+        _mark_done(gen_dir, {"text_fidelity_of_captions": accuracy(judge, images, [a for _, a, _ in held_out[:96]])})
+    stages["generator"] = json.loads((gen_dir / "done.json").read_text())
+
+    adapters = {}
+    for name, overrides in variants.items():
+        slug = name.split(" (")[0].replace(" ", "-").lower()
+        enc_dir, cached = _stage(work, f"encoder-{slug}", {"gen": gen_dir.name, "backbone": backbone_dir.name,
+                                                           "steps": size["encoder_steps"], "o": overrides,
+                                                           "settings": ENCODER_SETTINGS}, force, log)
+        if not cached:
+            config = load_config(TRAIN_CONFIG, [
+                f"output_dir={enc_dir / 'run'}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}",
+                "data.validation_pairs=null", f"backbone.path={backbone}", "generator.kind=world",
+                f"generator.path={gen_dir / 'model'}", f"optim.max_steps={size['encoder_steps']}",
+                f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
+                "runtime.checkpoint_every=100000", "runtime.log_every=25", *ENCODER_SETTINGS, *overrides])
+            train(config, resume=False, progress=False)
+            _mark_done(enc_dir, {})
+        adapters[name] = enc_dir / "run" / "adapter.safetensors"
+    models = WorldModels(backbone, gen_dir / "model", judge_dir / "judge.safetensors", adapters)
+    return models, {"stages": stages, "held_out": str(data / "held-out" / "images.jsonl")}
+
+
+def _every(n: int, name: str, log: Callable[[str], None], last: list[float] | None = None):
+    def report(step: int, total: int, loss: float) -> None:
+        if last is not None:
+            last.append(loss)
+        if step % n == 0 or step == total:
+            log(f"[{name}] step {step}/{total} loss {loss:.4f}")
+    return report
+
+
+def run_benchmark(size_name: str, work: Path, seed: int = 0, force: set[str] = frozenset(),
+                  variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print
+                  ) -> tuple[WorldModels, dict]:
+    """Train (or reuse) the world, evaluate every variant; writes results.json and results.md into ``work``."""
+    started = time.time()
+    work = Path(work).resolve()
+    models, info = train_world(size_name, work, seed, force, variants, log)
+    size = SIZES[size_name]
+    held_out = read_images(Path(info["held_out"]))
+    judge = load_judge(models.judge)
+    images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
+    rows = {}
+    for name, adapter in models.adapters.items():
+        rows[name] = evaluate(adapter, models.backbone, models.generator, judge, images, truth, size["eval_cases"], seed)
+        log(f"[{name}] {json.dumps(rows[name]['summary'])}")
+    report = {"size": size_name, "seed": seed, "stages": info["stages"], "rows": rows,
+              "seconds": round(time.time() - started)}
+    (work / "results.json").write_text(json.dumps(report, indent=2))
+    (work / "results.md").write_text(render_table(report))
+    return models, report
+
+
+def evaluate(adapter: Path, backbone: Path, generator: Path, judge: FactorJudge, images: torch.Tensor,
+             truth: list[Assignment], cases: int, seed: int) -> dict:
+    """Retrieval on held-out images (held-out phrasings); personalization and composition on fresh cases."""
+    encoder = load_encoder(backbone, adapter)
+    retrieval_rows = retrieval(embed_by_factor(encoder, images), truth)
+    transformer, text, layout = load_world_generator(generator)
+    file = load_adapter(adapter)
+    attach_to_diffusers(transformer, load_ip_adapter(file.metadata.generator, file.section("ip_adapter"), adapter.name))
+    rng = random.Random(seed + 11)
+    factors = list(FACTORS)
+    asked = [rng.choice(factors) for _ in range(cases)]
+    refs = [sample_assignment(rng) for _ in range(cases)]
+    targets = [sample_assignment(rng) for _ in range(cases)]
+    prompts = [caption_without(t, {f}) for t, f in zip(targets, asked)]
+    tokens = attribute_tokens(encoder, render_batch(refs), asked)
+    personal = personalization_scores(judge.predict(sample_composed(transformer, text, layout, prompts, [tokens], [1.0],
+                                                                    seed=seed)), refs, targets, asked)
+    baseline = personalization_scores(judge.predict(sample_composed(transformer, text, layout, prompts, [], [],
+                                                                    seed=seed)), refs, targets, asked)
+    composed = {}
+    for n in (2, 3):
+        picks = [rng.sample(factors, n) for _ in range(cases)]
+        references = [[sample_assignment(rng) for _ in range(n)] for _ in range(cases)]
+        target = [sample_assignment(rng) for _ in range(cases)]
+        prompt = [caption_without(t, set(fs)) for t, fs in zip(target, picks)]
+        token_sets = [attribute_tokens(encoder, render_batch([r[i] for r in references]), [p[i] for p in picks])
+                      for i in range(n)]
+        judged = judge.predict(sample_composed(transformer, text, layout, prompt, token_sets, [1.0] * n, seed=seed))
+        composed[f"{n} references"] = composition_scores(judged, references, picks)
+    mean = lambda key: sum(r[key] for r in retrieval_rows.values()) / len(retrieval_rows)  # noqa: E731
+    return {"retrieval": retrieval_rows, "personalization": personal, "text_only_baseline": baseline,
+            "composition": composed,
+            "summary": {"retrieval_precision": mean("precision"), "retrieval_chance": mean("chance"),
+                        "leakage": mean("leakage"), "leakage_chance": mean("leakage_chance"), **personal,
+                        **{f"composition_{k.split()[0]}": v for k, v in composed.items()}}}
+
+
+def render_batch(assignments: list[Assignment]) -> torch.Tensor:
+    """World images of these assignments: [B,3,32,32] in [0,1]."""
+    return torch.stack([torch.from_numpy(np.asarray(render(a), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                        for a in assignments])
+
+
+def render_table(report: dict) -> str:
+    lines = [f"Tiny attribute world — size {report['size']}, seed {report['seed']}, {report['seconds']} s", "",
+             "| encoder | retrieval P@10 (chance) | leakage (chance) | attribute fidelity | text fidelity | copy-paste | composition 2 / 3 refs |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in report["rows"].items():
+        s = row["summary"]
+        lines.append(f"| {name} | {s['retrieval_precision']:.3f} ({s['retrieval_chance']:.3f}) | {s['leakage']:.3f} "
+                     f"({s['leakage_chance']:.3f}) | {s['attribute_fidelity']:.3f} | {s['text_fidelity']:.3f} | "
+                     f"{s['copy_paste']:.3f} | {s['composition_2']:.3f} / {s['composition_3']:.3f} |")
+    base = next(iter(report["rows"].values()))["text_only_baseline"]
+    lines += ["", f"Text only (no attribute tokens, same prompts): attribute fidelity {base['attribute_fidelity']:.3f}, "
+              f"text fidelity {base['text_fidelity']:.3f}, copy-paste {base['copy_paste']:.3f}.", "",
+              "Retrieval per factor, precision@10 / leakage:", "",
+              "| encoder | " + " | ".join(FACTORS) + " |", "| --- |" + " --- |" * len(FACTORS)]
+    for name, row in report["rows"].items():
+        cells = [f"{row['retrieval'][f]['precision']:.2f} / {row['retrieval'][f]['leakage']:.2f}" for f in FACTORS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = next(iter(report["rows"].values()))["retrieval"]
+    lines.append("| chance | " + " | ".join(f"{first[f]['chance']:.2f} / {first[f]['leakage_chance']:.2f}"
+                                            for f in FACTORS) + " |")
+    stages = report["stages"]
+    lines += ["", f"Judge held-out accuracy: {_rounded(stages['judge']['held_out_accuracy'])}",
+              f"Generator (captions only) read back by the judge: "
+              f"{_rounded(stages['generator']['text_fidelity_of_captions'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _rounded(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
