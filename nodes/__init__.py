@@ -7,6 +7,7 @@ from .embeds_nodes import LoadOmniAttributeEmbeds, SaveOmniAttributeEmbeds
 from .encoder_nodes import LoadOmniAttributeEncoder, OmniAttributeEncode
 from .guider_nodes import OmniAttributeFlowBlendGuider, OmniAttributeStack
 from .ip_nodes import ApplyOmniAttribute
+from .world_nodes import LoadTinyWorldGenerator, TinyWorldDecode, TinyWorldEmptyLatent, TinyWorldTextEncode
 
 NODES: list[type[io.ComfyNode]] = [
     LoadOmniAttributeEncoder,
@@ -16,6 +17,10 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyOmniAttribute,
     OmniAttributeStack,
     OmniAttributeFlowBlendGuider,
+    LoadTinyWorldGenerator,
+    TinyWorldTextEncode,
+    TinyWorldEmptyLatent,
+    TinyWorldDecode,
 ]
 
 

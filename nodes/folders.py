@@ -14,6 +14,8 @@ ADAPTERS = "omni_attribute"                     # adapter .safetensors files
 BACKBONES = "omni_attribute_backbones"          # HF-format MLLM folders
 EMBEDS = "omni_attribute_embeds"                # saved attribute embeds
 EMBEDS_SUBFOLDER = "omni_attribute_embeds"
+WORLD_GENERATORS = "omni_attribute_world"       # tiny-world generator folders (the laboratory's FLUX)
+WORLD_MARKER = "world_generator.json"
 SAFETENSORS = {".safetensors"}
 
 
@@ -35,37 +37,55 @@ def register() -> None:
     models = folder_paths.models_dir
     _extend(ADAPTERS, [os.path.join(models, "omni_attribute")], SAFETENSORS)
     _extend(BACKBONES, [os.path.join(models, "omni_attribute_backbones"), os.path.join(models, "LLM")], set())
+    _extend(WORLD_GENERATORS, [os.path.join(models, "omni_attribute_world")], set())
     _extend(EMBEDS, [os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER),
                      os.path.join(folder_paths.get_input_directory(), EMBEDS_SUBFOLDER)], SAFETENSORS)
 
 
-def list_backbones() -> list[str]:
-    """Sub-folders (up to two levels deep) holding a config.json, as 'name' or 'org/name'."""
+def _list_model_folders(key: str, marker: str) -> list[str]:
+    """Sub-folders (up to two levels deep) of ``key``'s paths holding ``marker``, as 'name' or 'org/name'."""
     found: set[str] = set()
-    for root in folder_paths.get_folder_paths(BACKBONES):
+    for root in folder_paths.get_folder_paths(key):
         if not os.path.isdir(root):
             continue
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if not entry.is_dir():
                 continue
-            if os.path.isfile(os.path.join(entry.path, "config.json")):
+            if os.path.isfile(os.path.join(entry.path, marker)):
                 found.add(entry.name)
                 continue
             for child in os.scandir(entry.path):
-                if child.is_dir() and os.path.isfile(os.path.join(child.path, "config.json")):
+                if child.is_dir() and os.path.isfile(os.path.join(child.path, marker)):
                     found.add(f"{entry.name}/{child.name}")
     return sorted(found)
 
 
-def resolve_backbone(name: str) -> str:
-    """Full path of a listed backbone folder. Names that are not listed (e.g. '../x') are refused."""
-    if name not in list_backbones():
+def _resolve_model_folder(key: str, name: str, marker: str, what: str) -> str:
+    """Full path of a listed folder. Names that are not listed (e.g. '../x') are refused."""
+    if name not in _list_model_folders(key, marker):
         raise FileNotFoundError(
-            f"backbone folder {name!r} is not in any registered backbone folder "
-            f"({', '.join(folder_paths.get_folder_paths(BACKBONES))}): put the HF-format Qwen2.5-VL folder there"
+            f"{name!r} is not in any registered {key} folder ({', '.join(folder_paths.get_folder_paths(key))}): "
+            f"put the {what} there"
         )
-    for root in folder_paths.get_folder_paths(BACKBONES):
+    for root in folder_paths.get_folder_paths(key):
         path = os.path.join(root, *name.split("/"))
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, marker)):
             return path
-    raise FileNotFoundError(f"backbone folder {name!r} disappeared while loading")
+    raise FileNotFoundError(f"{key} folder {name!r} disappeared while loading")
+
+
+def list_backbones() -> list[str]:
+    return _list_model_folders(BACKBONES, "config.json")
+
+
+def resolve_backbone(name: str) -> str:
+    return _resolve_model_folder(BACKBONES, name, "config.json", "HF-format Qwen2.5-VL folder")
+
+
+def list_world_generators() -> list[str]:
+    return _list_model_folders(WORLD_GENERATORS, WORLD_MARKER)
+
+
+def resolve_world_generator(name: str) -> str:
+    return _resolve_model_folder(WORLD_GENERATORS, name, WORLD_MARKER,
+                                 "tiny-world generator folder (written by benchmarks/tiny_world.py)")

@@ -1,6 +1,7 @@
 """A live ComfyUI 0.3.75 server with the plugin and the test node pack linked, and model files laid out.
 
 Models (made on the fly, tiny but real): models/omni_attribute_backbones/{tiny-qwen25vl, no-weights},
+a tiny-world generator in models/omni_attribute_world/tiny-world,
 a second backbone root added through --extra-model-paths-config (to show the plugin keeps it),
 and adapters in models/omni_attribute: a good one, one for another hidden size, a truncated one
 and a foreign safetensors file.
@@ -24,7 +25,7 @@ FIXTURE_NODES = Path(__file__).resolve().parent.parent / "fixtures" / "comfy_tes
 
 
 @pytest.fixture(scope="session")
-def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter) -> Path:
+def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter, world_generator) -> Path:
     base = tmp_path_factory.mktemp("comfy-base")
     backbones = base / "models" / "omni_attribute_backbones"
     backbones.mkdir(parents=True)
@@ -47,6 +48,11 @@ def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter) ->
                            generator_layout=deeper)
     make_untrained_adapter(tiny_backbone, adapters / "tiny-ip-32-wide.safetensors", seed=6, out_dim=32,
                            generator_layout=FluxLayout(**{**tiny.to_dict(), "context_dim": 32}))
+    # the tiny world: its generator folder and an adapter whose IP-Adapter fits that generator
+    from omni_attribute.world.generator import WORLD_LAYOUT
+
+    shutil.copytree(world_generator, base / "models" / "omni_attribute_world" / "tiny-world")
+    make_untrained_adapter(tiny_backbone, adapters / "tiny-world-ip.safetensors", seed=7, generator_layout=WORLD_LAYOUT)
     extra = tmp_path_factory.mktemp("user-models")
     (extra / "qwen").mkdir()
     shutil.copytree(tiny_backbone, extra / "qwen" / "user-qwen")

@@ -15,13 +15,22 @@ EXPECTED = {
     "OmniAttributeFlowBlendGuider": ({"model", "adapter", "positive", "empty", "stack", "text_scale", "mode"},
                                      ["GUIDER"]),
 }
+WORLD = {
+    "OmniAttributeWorldGeneratorLoader": ({"generator"}, ["MODEL", "OMNI_ATTRIBUTE_WORLD_TEXT"]),
+    "OmniAttributeWorldTextEncode": ({"text_encoder", "text"}, ["CONDITIONING"]),
+    "OmniAttributeWorldEmptyLatent": ({"batch_size"}, ["LATENT"]),
+    "OmniAttributeWorldDecode": ({"samples", "scale"}, ["IMAGE"]),
+}
 
 
 def test_object_info_lists_every_node_with_its_sockets(client):
     info = client.object_info()
     ours = {name for name, node in info.items() if node.get("category") == "Omni-Attribute"}
     assert ours == set(EXPECTED)
-    for name, (inputs, outputs) in EXPECTED.items():
+    world = {name for name, node in info.items() if node.get("category") == "Omni-Attribute/tiny world"}
+    assert world == set(WORLD)
+    assert info["OmniAttributeWorldGeneratorLoader"]["input"]["required"]["generator"][1]["options"] == ["tiny-world"]
+    for name, (inputs, outputs) in {**EXPECTED, **WORLD}.items():
         node = info[name]
         assert set(node["input"]["required"]) == inputs, name
         assert node["output"] == outputs, name

@@ -20,7 +20,7 @@ NAMES = sorted(p.name[:-len(".api.json")] for p in WORKFLOWS.glob("*.api.json"))
 
 
 def test_every_workflow_has_both_formats():
-    assert {"encode_attributes", "personalize_attribute", "compose_attributes"} <= set(NAMES)
+    assert {"encode_attributes", "personalize_attribute", "compose_attributes", "tiny_world_compose"} <= set(NAMES)
     for name in NAMES:
         assert (WORKFLOWS / f"{name}.json").is_file(), f"{name} has no UI-format twin"
 
@@ -36,8 +36,11 @@ def test_workflow_is_valid_and_twins_agree(client, name):
 
 
 def tiny_version(prompt: dict) -> dict:
-    """Swap the full-size FLUX loaders for the test-only tiny fixtures; everything else stays."""
+    """Swap the full-size FLUX loaders for the test-only tiny fixtures (and the tiny world's trained files for
+    the test server's 4-step ones); everything else stays."""
     prompt = copy.deepcopy(prompt)
+    world = any(node["class_type"] == "OmniAttributeWorldGeneratorLoader" for node in prompt.values())
+    adapter = "tiny-world-ip.safetensors" if world else "tiny-ip.safetensors"
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
@@ -50,9 +53,9 @@ def tiny_version(prompt: dict) -> dict:
         elif kind == "VAEDecode":
             prompt[node_id] = {"class_type": "OmniTestLatentToImage", "inputs": {"samples": inputs["samples"]}}
         elif kind == "OmniAttributeEncoderLoader":
-            inputs.update(backbone="tiny-qwen25vl", adapter="tiny-ip.safetensors")
+            inputs.update(backbone="tiny-qwen25vl", adapter=adapter)
         elif kind in ("OmniAttributeApply", "OmniAttributeFlowBlendGuider"):
-            inputs["adapter"] = "tiny-ip.safetensors"
+            inputs["adapter"] = adapter
         elif kind == "EmptySD3LatentImage":
             inputs.update(width=64, height=64)
         elif kind == "BasicScheduler":
@@ -95,7 +98,8 @@ def test_workflow_runs_headlessly(comfy_server, name, reference_images, tmp_path
         assert saved[0].suffix == ".safetensors"
     else:
         image = np.asarray(Image.open(saved[0]))
-        assert image.shape == (64, 64, 3) and image.std() > 0
+        side = 128 if name.startswith("tiny_world") else 64  # 32-pixel world images shown ×4
+        assert image.shape == (side, side, 3) and image.std() > 0
 
 
 def test_cli_reports_errors_readably(comfy_server, reference_images, tmp_path):
