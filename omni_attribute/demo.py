@@ -1,82 +1,163 @@
-"""The main job on the embedded default: a real ComfyUI server, the shipped encode workflow, run headlessly.
+"""The main job: the tiny attribute world end to end, with the generation done by a real ComfyUI server.
 
-    python -m omni_attribute.demo [--out DIR]
+    python -m omni_attribute.demo [--out DIR] [--work DIR] [--size ci|full]
 
-It builds the tiny default model files (a tiny Qwen2.5-VL with the real tokenizer and an
-*untrained* adapter: the numbers prove the pipeline, not the meaning of the embeddings), draws a
-reference image, starts ComfyUI with the plugin, runs workflows/encode_attributes.api.json
-with the headless client (omni_attribute.api) and prints what came back.
+1. Trains the tiny world (or reuses it: every stage is cached under --work): the world data, the judge,
+   the tiny Qwen2.5-VL backbone, the tiny FLUX generator and the four encoders of the benchmark, and
+   evaluates them (the benchmark table, ``omni_attribute.world.pipeline``).
+2. Lays the trained files out as ComfyUI model folders, starts ComfyUI with the plugin and runs the
+   shipped workflow ``workflows/tiny_world_compose.api.json`` headlessly (``omni_attribute.api``) on
+   held-out cases: the object colour from one reference, the background from a second, the rest from
+   the prompt; each case also once with the attribute weights at 0 (text only), for comparison.
+3. Reads every output back with the world's judge and writes ``tiny_world_grid.png`` (references,
+   attributes, outputs) and ``tiny_world_cases.json`` into --out, then prints the benchmark table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .api import ComfyClient, load_workflow, progress_printer, run_workflow, set_inputs
+from .api import ComfyClient, load_workflow, run_workflow, set_inputs
 from .comfy_host import PLUGIN_DIR, ComfyServer
-from .embeds import load_embeds
-from .tiny import make_tiny_backbone_folder, make_untrained_adapter
+from .world.factors import caption_without, sample_assignment
+from .world.judge import load_judge
+from .world.pipeline import OMNI, render_table, run_benchmark
+from .world.render import render
 
-WORKFLOW = PLUGIN_DIR / "workflows" / "encode_attributes.api.json"
-BACKBONE = "tiny-qwen25vl"
-ADAPTER = "tiny-untrained.safetensors"
-ATTRIBUTES = "object color\nobject shape\nbackground color, lighting"
+WORKFLOW = PLUGIN_DIR / "workflows" / "tiny_world_compose.api.json"
+BACKBONE, GENERATOR, ADAPTER = "tiny-world-qwen25vl", "tiny-world", "tiny-world.safetensors"
+ASKED = ("color", "background")          # what the workflow's two Encode nodes ask for (held-out phrasings)
+CELL = 128
 
 
-def draw_reference(path: Path) -> Path:
-    image = Image.new("RGB", (160, 120), (40, 70, 160))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((50, 30, 110, 90), fill=(220, 40, 40))
-    draw.rectangle((0, 100, 160, 120), fill=(90, 60, 30))
-    image.save(path)
+def install_models(models, base: Path) -> None:
+    """Copy the trained files into the ComfyUI base folder's model folders (replacing older copies)."""
+    for source, target in ((models.backbone, base / "models" / "omni_attribute_backbones" / BACKBONE),
+                           (models.generator, base / "models" / "omni_attribute_world" / GENERATOR)):
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+    adapters = base / "models" / "omni_attribute"
+    adapters.mkdir(parents=True, exist_ok=True)
+    shutil.copy(models.adapters[OMNI], adapters / ADAPTER)
+
+
+def make_cases(count: int, seed: int, folder: Path) -> list[dict]:
+    """Held-out cases: two references and a target whose caption leaves colour and background out."""
+    rng = random.Random(10_000 + seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i in range(count):
+        refs = [sample_assignment(rng) for _ in ASKED]
+        target = sample_assignment(rng)
+        paths = []
+        for j, ref in enumerate(refs):
+            path = folder / f"case{i}_reference{j + 1}.png"
+            render(ref).save(path)
+            paths.append(path)
+        cases.append({"references": refs, "paths": paths, "target": target,
+                      "prompt": caption_without(target, set(ASKED))})
+    return cases
+
+
+def read_back(path: Path) -> torch.Tensor:
+    """A saved output (32 px shown ×4) back to a [3,32,32] world image."""
+    image = Image.open(path).convert("RGB").resize((32, 32), Image.BOX)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def draw_grid(cases: list[dict], out: Path) -> Path:
+    header = ["reference 1", "reference 2", "text only", "Omni-Attribute"]
+    width, top, label = CELL * len(header), 20, 44
+    grid = Image.new("RGB", (width, top + len(cases) * (CELL + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(header):
+        draw.text((c * CELL + 4, 4), title, fill="black")
+    for r, case in enumerate(cases):
+        y = top + r * (CELL + label)
+        cells = [Image.open(p).convert("RGB").resize((CELL, CELL), Image.NEAREST) for p in case["paths"]]
+        cells += [Image.open(case[k]).convert("RGB").resize((CELL, CELL), Image.NEAREST) for k in ("text_only", "omni")]
+        for c, cell in enumerate(cells):
+            grid.paste(cell, (c * CELL, y))
+        seen = case["judged_omni"]
+        lines = [f"asked: colour of ref 1 ({case['references'][0]['color']}), background of ref 2 "
+                 f"({case['references'][1]['background']})",
+                 f"prompt: {case['prompt']}",
+                 f"judge reads: colour {seen['color']}, background {seen['background']}"]
+        for k, text in enumerate(lines):
+            draw.text((4, y + CELL + 2 + 13 * k), text, fill="black")
+    path = out / "tiny_world_grid.png"
+    grid.save(path)
     return path
 
 
-def prepare_models(base: Path) -> None:
-    backbone = base / "models" / "omni_attribute_backbones" / BACKBONE
-    if not (backbone / "model.safetensors").is_file():
-        print(f"[demo] writing the tiny Qwen2.5-VL backbone to {backbone}", flush=True)
-        make_tiny_backbone_folder(backbone, seed=0)
-    adapter = base / "models" / "omni_attribute" / ADAPTER
-    if not adapter.is_file():
-        print(f"[demo] writing an untrained adapter to {adapter}", flush=True)
-        adapter.parent.mkdir(parents=True, exist_ok=True)
-        make_untrained_adapter(backbone, adapter, seed=1)
+def run_cases(server_url: str, cases: list[dict], out: Path) -> None:
+    client = ComfyClient(server_url, timeout=600)
+    workflow = load_workflow(WORKFLOW)
+    for i, case in enumerate(cases):
+        for key, weight in (("omni", 1.0), ("text_only", 0.0)):
+            prompt = set_inputs(json.loads(json.dumps(workflow)), {
+                "2.image": str(case["paths"][0]), "3.image": str(case["paths"][1]), "4.backbone": BACKBONE,
+                "4.adapter": ADAPTER, "1.generator": GENERATOR, "11.adapter": ADAPTER, "9.text": case["prompt"],
+                "7.weight": weight, "8.weight": weight, "12.noise_seed": i, "18.filename_prefix": f"case{i}_{key}"})
+            (saved,) = run_workflow(client, prompt, out / "outputs")
+            case[key] = saved
+            print(f"[demo] case {i} {key}: {saved.name}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omni_attribute.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=PLUGIN_DIR / "demo-output", help="work and output folder")
+    parser.add_argument("--out", type=Path, default=PLUGIN_DIR / "demo-output", help="output folder")
+    parser.add_argument("--work", type=Path, default=PLUGIN_DIR / "runs" / "tiny-world-ci",
+                        help="where the trained world is cached (reused by later runs)")
+    parser.add_argument("--size", choices=["ci", "full"], default="ci",
+                        help="ci: about 15 minutes on 2 cores the first time; full: the BENCHMARKS.md run")
+    parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    base = args.out.resolve() / "comfy-base"
-    base.mkdir(parents=True, exist_ok=True)
-    prepare_models(base)
-    reference = draw_reference(args.out.resolve() / "reference.png")
-    prompt = set_inputs(load_workflow(WORKFLOW), {
-        "1.image": str(reference), "2.backbone": BACKBONE, "2.adapter": ADAPTER, "3.attributes": ATTRIBUTES,
-        "4.filename_prefix": "demo"})
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
 
-    print("[demo] starting ComfyUI ...", flush=True)
+    print(f"[demo] step 1/3: the tiny world ({args.size} size, cached in {args.work})", flush=True)
+    models, report = run_benchmark(args.size, args.work, args.seed, log=lambda m: print(m, flush=True))
+
+    print("[demo] step 2/3: ComfyUI runs workflows/tiny_world_compose.api.json", flush=True)
+    base = out / "comfy-base"
+    install_models(models, base)
+    cases = make_cases(args.cases, args.seed, out / "references")
     with ComfyServer(base) as server:
         print(f"[demo] ComfyUI at {server.url} (log: {server.log_path})", flush=True)
-        (local,) = run_workflow(ComfyClient(server.url), prompt, args.out.resolve(), on_event=progress_printer(prompt))
+        run_cases(server.url, cases, out)
 
-    embeds = load_embeds(local)
-    print(f"\n[demo] embeds fetched over HTTP and saved to {local}")
-    print(embeds.summary())
-    pooled = torch.nn.functional.normalize(embeds.pooled, dim=-1)
-    similarity = pooled @ pooled.T
-    print("\ncosine similarity of the pooled embeddings (rows/cols in the order above):")
-    for row in similarity.tolist():
-        print("  " + "  ".join(f"{value:+.3f}" for value in row))
-    print("\nNote: the adapter is untrained (random connector and LoRA); train one with the trainer "
-          "to get meaningful attribute embeddings.")
+    print("[demo] step 3/3: the judge reads the outputs", flush=True)
+    judge = load_judge(models.judge)
+    for key in ("omni", "text_only"):
+        for case, seen in zip(cases, judge.predict(torch.stack([read_back(c[key]) for c in cases]))):
+            case[f"judged_{key}"] = seen
+    grid = draw_grid(cases, out)
+    summary = []
+    for case in cases:
+        row = {"prompt": case["prompt"], "references": [r.as_dict() for r in case["references"]],
+               "target": case["target"].as_dict(), "omni": case["judged_omni"], "text_only": case["judged_text_only"]}
+        summary.append(row)
+    (out / "tiny_world_cases.json").write_text(json.dumps(summary, indent=2))
+    hits = {key: sum(c[f"judged_{key}"]["color"] == c["references"][0]["color"]
+                     and c[f"judged_{key}"]["background"] == c["references"][1]["background"] for c in cases)
+            for key in ("omni", "text_only")}
+    print(f"\n[demo] grid: {grid}")
+    print(f"[demo] both asked attributes transferred (judge): Omni-Attribute {hits['omni']}/{len(cases)}, "
+          f"text only {hits['text_only']}/{len(cases)}")
+    print(f"\n{render_table(report)}")
     return 0
 
 
