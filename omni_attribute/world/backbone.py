@@ -18,6 +18,7 @@ from ..connector import Connector, ConnectorConfig
 from ..adapter_file import AdapterMetadata
 from ..encoder import AttributeEncoder
 from ..lora import DEFAULT_TARGETS
+from .generator import clipped_step
 from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, factor_words
 
 TURN_END = "<|im_end|>\n<|im_start|>assistant\n"
@@ -83,11 +84,7 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
         keep = answer[:, 1:]
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        clipped_step(loss, model.parameters(), optimizer, schedule)
         if progress:
             progress(step + 1, steps, float(loss.detach()))
     out = Path(out_folder)

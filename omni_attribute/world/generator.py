@@ -29,6 +29,15 @@ def load_rgb_batch(paths: list[Path]) -> torch.Tensor:
                         .permute(2, 0, 1) for p in paths])
 
 
+def clipped_step(loss: torch.Tensor, params, optimizer, schedule) -> None:
+    """One optimiser step of the world's from-scratch training loops (gradient norm clipped at 1)."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, folder: str | Path, steps: int = 3000,
                           batch_size: int = 64, lr: float = 1e-3, seed: int = 0, drop_caption: float = 0.1,
                           layout: FluxLayout = WORLD_LAYOUT, progress=None) -> Path:
@@ -54,11 +63,7 @@ def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, 
         guidance = torch.full((batch_size,), 1.0) if layout.guidance_embed else None
         velocity = diffusers_flux_forward(transformer, noisy_latents(x0, noise, t), t, context, pooled, guidance)
         loss = flow_matching_loss(velocity, x0, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        clipped_step(loss, params, optimizer, schedule)
         if progress:
             progress(step + 1, steps, float(loss.detach()))
     folder = Path(folder)
