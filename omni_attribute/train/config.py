@@ -41,6 +41,7 @@ class AdapterConfig:
     connector_layers: int = 8
     connector_heads: int = 16
     connector_reads_image: bool = True    # the connector also reads the image-token states
+    connector_image_positions: bool = True  # ... with their 2D place added (see connector.py)
     lora_r: int = 32
     lora_alpha: float = 32
     lora_dropout: float = 0.0
@@ -57,6 +58,8 @@ class LossConfig:
     lambda_con: float = 0.01              # the paper's final setting
     tau: float = 0.1                      # the paper's final setting
     in_batch_negatives: bool = False      # extension, not in the paper
+    attributes_per_pair: int = 1          # up to n a+ and n a− per pair, Lcon over all n×n (a+, a−) tuples;
+                                          # extension: one image pass serves them all (shared prefix)
     timestep_sampling: str = "logit_normal"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
@@ -177,6 +180,8 @@ def check_values(config: TrainConfig) -> None:
             problems.append(f"{name} must be in [0, 1), got {value}")
     if config.loss.tau <= 0:
         problems.append(f"loss.tau must be positive, got {config.loss.tau}")
+    if config.loss.attributes_per_pair < 1:
+        problems.append(f"loss.attributes_per_pair must be at least 1, got {config.loss.attributes_per_pair}")
     if config.loss.lambda_gen == 0 and config.loss.lambda_con == 0:
         problems.append("loss.lambda_gen and loss.lambda_con are both 0: nothing to train")
     if problems:

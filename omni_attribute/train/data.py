@@ -181,6 +181,17 @@ def choose_attributes(record: PairRecord, rng: random.Random) -> tuple[str, str 
     return positive, negative
 
 
+def choose_attribute_sets(record: PairRecord, rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+    """Up to ``n`` distinct a+ and up to ``n`` distinct a− (none when the record has no negatives); with
+    n = 1 the same draw as ``choose_attributes``."""
+    if n == 1:
+        positive, negative = choose_attributes(record, rng)
+        return [positive], [negative] if negative else []
+    positives = rng.sample(record.positive_attributes, min(n, len(record.positive_attributes)))
+    negatives = rng.sample(record.negative_attributes, min(n, len(record.negative_attributes)))
+    return positives, negatives
+
+
 class StreamingPairs:
     """Pairs read as a stream, never held in memory: for large JSONL shard sets.
 

@@ -28,8 +28,8 @@ from ..encoder import AttributeEncoder, backbone_info_from_config, build_encoder
 from ..lora import DEFAULT_TARGETS, load_lora_state_dict
 from ..prompt import format_instruction
 from .config import TrainConfig
-from .data import (PairDataset, PairSample, StreamingPairs, check_images_exist, choose_attributes, collate,
-                   iter_records, shard_files)
+from .data import (PairDataset, PairSample, StreamingPairs, check_images_exist, choose_attribute_sets,
+                   choose_attributes, collate, iter_records, shard_files)
 from .generator import Generator, build_generator
 from .losses import (contrastive_loss, delta_pos_neg, flow_matching_loss, in_batch_contrastive_loss, noisy_latents,
                      sample_timesteps)
@@ -59,27 +59,27 @@ class OmniAttributeModel(nn.Module):
         ref_tokens, targets, captions, pooled = [], [], [], {"xp": [], "yp": [], "xn": [], "yn": []}
         for sample in batch:
             record = sample.record
-            positive, negative = choose_attributes(record, rng)
+            positives, negatives = choose_attribute_sets(record, rng, cfg.attributes_per_pair)
             ref_is_a = rng.random() < 0.5
             joint = format_instruction(record.positive_attributes, template)
-            pos, neg = format_instruction([positive], template), format_instruction([negative], template) if negative else None
+            contrast = [format_instruction([a], template) for a in positives + negatives] if need_con and negatives else []
             rows = {}
             for name, image, is_ref in (("x", sample.image_a, ref_is_a), ("y", sample.image_b, not ref_is_a)):
-                instructions = ([joint] if need_gen and is_ref else []) + ([pos, neg] if need_con and neg else [])
+                instructions = ([joint] if need_gen and is_ref else []) + contrast
                 if not instructions:
                     continue
                 tokens, pool = self.encoder.encode_image(image[None].to(device), instructions, self.shared_prefix)
-                rows[name] = (tokens, pool, need_gen and is_ref)
-            for name in ("x", "y"):
-                if name not in rows:
-                    continue
-                tokens, pool, has_joint = rows[name]
-                if has_joint:
+                if need_gen and is_ref:
                     ref_tokens.append(tokens[0])
                     pool = pool[1:]
-                if len(pool) == 2:  # a+ and a− rows
-                    pooled[name + "p"].append(pool[0])
-                    pooled[name + "n"].append(pool[1])
+                rows[name] = pool
+            if contrast:  # every (a+, a−) tuple: rows [0, P) are the a+ embeddings, [P, P+N) the a− ones
+                p = len(positives)
+                for i in range(p):
+                    for j in range(p, len(contrast)):
+                        for key, row in (("xp", rows["x"][i]), ("yp", rows["y"][i]), ("xn", rows["x"][j]),
+                                         ("yn", rows["y"][j])):
+                            pooled[key].append(row)
             if need_gen:
                 targets.append(sample.image_b if ref_is_a else sample.image_a)
                 caption = record.caption_b if ref_is_a else record.caption_a
@@ -115,7 +115,8 @@ def adapter_metadata(config: TrainConfig, backbone_info: dict) -> AdapterMetadat
               "target_modules": a.lora_targets or DEFAULT_TARGETS},
         connector=ConnectorConfig(in_dim=backbone_info["hidden_size"], out_dim=0, num_tokens=a.num_tokens,
                                   width=a.connector_width, num_layers=a.connector_layers, num_heads=a.connector_heads,
-                                  read_image=a.connector_reads_image),
+                                  read_image=a.connector_reads_image,
+                                  image_positions=a.connector_image_positions and a.connector_reads_image),
         prompt_template=a.prompt_template,
         image={"min_pixels": a.min_pixels, "max_pixels": a.max_pixels},
         training={"config_hash": config_hash(config.to_dict())},

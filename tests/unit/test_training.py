@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,30 @@ def test_streaming_training_runs_and_resumes_exactly(tmp_path, pairs, tiny_backb
     a = load_file(str(tmp_path / "a" / "run" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_attribute_tuples_per_pair_average_the_papers_lcon(tmp_path, pairs, tiny_backbone):
+    from omni_attribute.prompt import format_instruction
+    from omni_attribute.train.data import PairDataset, choose_attribute_sets, choose_attributes
+    from omni_attribute.train.losses import contrastive_loss
+
+    config = tiny_config(tmp_path, pairs, tiny_backbone, "loss.lambda_gen=0", "loss.attributes_per_pair=99")
+    records, info = preflight(config)
+    sample = PairDataset(records, config.data.image_size)[0]  # two a+, one a−: two tuples
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert choose_attribute_sets(sample.record, rng_a, 1) == tuple([x] for x in choose_attributes(sample.record, rng_b))
+    model = build_model(config, info)
+    with torch.no_grad():
+        every = [float(model([sample], step_seed=seed)["lcon"]) for seed in (1, 2)]
+        template = model.encoder.metadata.prompt_template
+        embed = lambda image, text: model.encoder.encode_image(  # noqa: E731
+            image[None], [format_instruction([text], template)])[1][0]
+        tuples = [contrastive_loss(*(embed(img, a)[None] for img, a in ((sample.image_a, p), (sample.image_b, p),
+                                                                      (sample.image_a, n), (sample.image_b, n))),
+                                   tau=config.loss.tau)
+                  for p in sample.record.positive_attributes for n in sample.record.negative_attributes]
+    # all tuples are used whatever the draw, and their mean is the loss
+    assert every[0] == pytest.approx(every[1], abs=1e-5)
+    assert every[0] == pytest.approx(float(torch.stack(tuples).mean()), abs=1e-4)
+    with pytest.raises(ConfigError, match="attributes_per_pair"):
+        tiny_config(tmp_path, pairs, tiny_backbone, "loss.attributes_per_pair=0")
