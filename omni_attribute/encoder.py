@@ -152,11 +152,14 @@ class AttributeEncoder(nn.Module):
         run = self.hidden_shared_prefix if shared_prefix else self.hidden_full
         image_hidden, hidden = run(pixel_values, grid, prefix, suffix, mask)
         mask = mask.bool()
+        image_grid = None
         if self.connector.config.read_image:
             k = hidden.shape[0]
             hidden = torch.cat([image_hidden.expand(k, -1, -1), hidden], dim=1)
             mask = torch.cat([torch.ones(k, image_hidden.shape[1], dtype=torch.bool, device=mask.device), mask], dim=1)
-        return self.connector(hidden.to(self.dtype), mask)
+            frames, rows, cols = (int(v) for v in grid[0])  # merged image tokens are in row-major order
+            image_grid = (frames * rows // self.backbone.merge_size, cols // self.backbone.merge_size)
+        return self.connector(hidden.to(self.dtype), mask, image_grid=image_grid)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, attribute_text: str | list[list[str]], shared_prefix: bool = True,

@@ -24,3 +24,27 @@ def test_paper_default_is_eight_attention_layers_and_one_output_linear():
     connector = Connector(config)
     assert len(connector.layers) == 8 and isinstance(connector.input_proj, torch.nn.Identity)
     assert connector.output.out_features == 4096 and config.num_tokens == 16
+
+
+def test_image_positions_make_the_connector_see_where_image_tokens_sit():
+    import pytest
+
+    torch.manual_seed(0)
+    config = ConnectorConfig(in_dim=24, out_dim=8, num_tokens=2, width=16, num_layers=1, num_heads=2)
+    blind = Connector(config).eval()
+    placed = Connector(ConnectorConfig(**{**config.to_dict(), "image_positions": True})).eval()
+    placed.load_state_dict(blind.state_dict(), strict=False)  # same weights apart from the place map
+    image, instruction = torch.randn(1, 6, 24), torch.randn(1, 3, 24)
+    swapped = image[:, [1, 0, 2, 3, 4, 5]]  # two image tokens trade places
+    run = lambda net, img: net(torch.cat([img, instruction], dim=1), image_grid=(2, 3))[1]  # noqa: E731
+    # without positions, attention is blind to the order of the image tokens; with them it is not
+    assert torch.allclose(run(blind, image), run(blind, swapped), atol=1e-5)
+    assert not torch.allclose(run(placed, image), run(placed, swapped), atol=1e-4)
+    # the same place means the same at every resolution: the features depend on relative coordinates
+    from omni_attribute.connector import grid_features
+
+    assert torch.allclose(grid_features(1, 1)[0], grid_features(3, 3)[4], atol=1e-6)
+    with pytest.raises(ValueError, match="pass image_grid"):
+        placed(image)
+    with pytest.raises(ValueError, match="needs read_image"):
+        Connector(ConnectorConfig(in_dim=24, image_positions=True, read_image=False))
