@@ -39,7 +39,7 @@ def world_generator(tmp_path_factory, tiny_backbone) -> Path:
     base = tmp_path_factory.mktemp("world")
     rows = read_images(make_images(base / "images", 16, seed=4))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone), fix_mistral_regex=False)
-    return train_world_generator(load_rgb_batch([p for p, _, _ in rows]), [c for _, _, c in rows], tokenizer,
+    return train_world_generator(load_rgb_batch([p for p, _, _ in rows]), [a for _, a, _ in rows], tokenizer,
                                  base / "tiny-world", steps=4, batch_size=4, seed=0)
 
 

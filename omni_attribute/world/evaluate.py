@@ -26,26 +26,47 @@ def embed_by_factor(encoder, images: torch.Tensor, phrasings: dict[str, str] = H
     return {f: stacked[:, k] for k, f in enumerate(FACTORS)}
 
 
-def retrieval(embeddings: dict[str, torch.Tensor], assignments: list[Assignment], k: int = 10) -> dict[str, dict]:
-    """For each factor f: precision@k of retrieving images with the query's value of f when embedding
-    under f's name; leakage = the same precision measured on every other factor g (averaged), with
-    its chance level (what a retrieval blind to g would score)."""
+def _query_hits(embeddings: dict[str, torch.Tensor], assignments: list[Assignment], k: int
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """hits[f][g][q]: the fraction of query q's k nearest neighbours under f's name that share q's value
+    of g; chance[g]: that fraction for a retrieval blind to g."""
     n = len(assignments)
-    results = {}
     values = {g: torch.tensor([FACTORS[g].index(a[g]) for a in assignments]) for g in FACTORS}
     same = {g: (values[g][:, None] == values[g][None, :]).float() for g in FACTORS}
     chance = {g: float((same[g].sum() - n) / (n * (n - 1))) for g in FACTORS}
+    hits = {}
     for f, emb in embeddings.items():
         unit = F.normalize(emb, dim=-1)
         sim = unit @ unit.T
         sim.fill_diagonal_(-2.0)
         top = sim.topk(k, dim=-1).indices
-        hits = {g: float(same[g].gather(1, top).mean()) for g in FACTORS}
+        hits[f] = {g: same[g].gather(1, top).mean(dim=1) for g in FACTORS}
+    return hits, chance
+
+
+def retrieval(embeddings: dict[str, torch.Tensor], assignments: list[Assignment], k: int = 10) -> dict[str, dict]:
+    """For each factor f: precision@k of retrieving images with the query's value of f when embedding
+    under f's name; leakage = the same precision measured on every other factor g (averaged), with
+    its chance level (what a retrieval blind to g would score)."""
+    hits, chance = _query_hits(embeddings, assignments, k)
+    results = {}
+    for f in embeddings:
         others = [g for g in FACTORS if g != f]
-        results[f] = {"precision": hits[f], "chance": chance[f],
-                      "leakage": sum(hits[g] for g in others) / len(others),
+        results[f] = {"precision": float(hits[f][f].mean()), "chance": chance[f],
+                      "leakage": sum(float(hits[f][g].mean()) for g in others) / len(others),
                       "leakage_chance": sum(chance[g] for g in others) / len(others)}
     return results
+
+
+def selectivity_spread(embeddings: dict[str, torch.Tensor], assignments: list[Assignment], k: int = 10,
+                       rounds: int = 1000, seed: int = 0) -> float:
+    """Standard deviation of ``selectivity`` over bootstrap resamples of the queries: how much of it is
+    the luck of which held-out images were drawn (not the spread over training seeds)."""
+    hits, chance = _query_hits(embeddings, assignments, k)
+    per_query = torch.stack([(hits[f][f] - chance[f]) - sum(hits[f][g] - chance[g] for g in FACTORS if g != f)
+                             / (len(FACTORS) - 1) for f in embeddings]).mean(dim=0)
+    draws = torch.randint(0, len(per_query), (rounds, len(per_query)), generator=torch.Generator().manual_seed(seed))
+    return float(per_query[draws].mean(dim=1).std())
 
 
 @torch.no_grad()
@@ -81,3 +102,11 @@ def composition_scores(judged: list[dict], references: list[list[Assignment]], a
     """Fraction of asked attributes (one per reference) that the generated image carries."""
     hits = [seen[f] == ref[f] for seen, refs, fs in zip(judged, references, asked) for ref, f in zip(refs, fs)]
     return sum(hits) / len(hits)
+
+
+def selectivity(retrieval_rows: dict[str, dict]) -> float:
+    """How much more the embedding under a factor's name retrieves that factor than the others, both
+    measured above chance, averaged over factors. 0 for an encoder blind to the attribute text (the
+    holistic one: the same embedding under every name); 1 − chance at best."""
+    gaps = [(r["precision"] - r["chance"]) - (r["leakage"] - r["leakage_chance"]) for r in retrieval_rows.values()]
+    return sum(gaps) / len(gaps)

@@ -6,6 +6,7 @@ The same folder loads in ComfyUI (``load_world_for_comfy``): the DiT as ComfyUI'
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..flux_models import FluxLayout, build_comfy_flux, build_diffusers_flux, di
 from ..ip_adapter import ip_kwargs
 from ..train.generator import PixelCodec, TinyTextEncoder
 from ..train.losses import flow_matching_loss, noisy_latents, sample_timesteps
+from .factors import FACTORS, Assignment, caption_without
 
 WORLD_LAYOUT = FluxLayout(hidden_size=128, num_heads=4, depth_double=3, depth_single=3, context_dim=64,
                           vec_in_dim=32, axes_dim=[8, 12, 12])
@@ -38,11 +40,17 @@ def clipped_step(loss: torch.Tensor, params, optimizer, schedule) -> None:
     schedule.step()
 
 
-def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, folder: str | Path, steps: int = 3000,
-                          batch_size: int = 64, lr: float = 1e-3, seed: int = 0, drop_caption: float = 0.1,
-                          layout: FluxLayout = WORLD_LAYOUT, progress=None) -> Path:
-    """Train DiT and text encoder from scratch; ``images`` [N,3,32,32] in [0,1]."""
+def train_world_generator(images: torch.Tensor, assignments: list[Assignment], tokenizer, folder: str | Path,
+                          steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                          drop_caption: float = 0.1, drop_factor: float = 0.25, layout: FluxLayout = WORLD_LAYOUT,
+                          progress=None) -> Path:
+    """Train DiT and text encoder from scratch; ``images`` [N,3,32,32] in [0,1] with their ground truth.
+
+    Each caption leaves every factor out with probability ``drop_factor`` (and the whole caption with
+    ``drop_caption``): prompts that leave a factor to a reference image must be in the generator's
+    distribution, or it draws noise for them."""
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     transformer = build_diffusers_flux(layout)
     text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim)
     codec = PixelCodec()
@@ -55,7 +63,7 @@ def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, 
     text.train()
     for step in range(steps):
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        batch_captions = ["" if torch.rand((), generator=generator) < drop_caption else captions[i] for i in index.tolist()]
+        batch_captions = [training_caption(assignments[i], rng, drop_caption, drop_factor) for i in index.tolist()]
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
         t = sample_timesteps(batch_size, "logit_normal", generator)
@@ -73,8 +81,16 @@ def train_world_generator(images: torch.Tensor, captions: list[str], tokenizer, 
     tokenizer.save_pretrained(str(folder / "tokenizer"))
     (folder / META).write_text(json.dumps({"layout": layout.to_dict(), "text": {"max_length": text.max_length,
                                                                                 "buckets": text.buckets},
-                                           "codec": "pixel", "steps": steps, "seed": seed}, indent=2))
+                                           "codec": "pixel", "steps": steps, "seed": seed,
+                                           "drop_factor": drop_factor}, indent=2))
     return folder
+
+
+def training_caption(a: Assignment, rng: random.Random, drop_caption: float, drop_factor: float) -> str:
+    """A caption of ``a`` for generator training: empty, or naming a random subset of the factors."""
+    if rng.random() < drop_caption:
+        return ""
+    return caption_without(a, {f for f in FACTORS if rng.random() < drop_factor})
 
 
 def read_world_meta(folder: str | Path) -> dict:

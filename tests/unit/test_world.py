@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from omni_attribute.train.data import parse_record
-from omni_attribute.world.evaluate import retrieval
+from omni_attribute.world.evaluate import retrieval, selectivity, selectivity_spread
 from omni_attribute.world.factors import (FACTORS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, Assignment, caption,
                                           caption_without, sample_assignment, vary)
-from omni_attribute.world.generator import load_rgb_batch
+from omni_attribute.world.generator import load_rgb_batch, training_caption
 from omni_attribute.world.judge import accuracy, train_judge
 from omni_attribute.world.pairs import make_images, make_pairs, read_images
 from omni_attribute.world.render import render
@@ -29,6 +29,16 @@ def test_assignments_and_captions():
     with pytest.raises(ValueError, match="one known value per factor"):
         Assignment.of({"shape": "hexagon"})
     assert not set(HELD_OUT_PHRASINGS.values()) & {p for v in TRAIN_PHRASINGS.values() for p in v}
+
+
+def test_generator_training_captions_leave_factors_out():
+    a = sample_assignment(random.Random(3))
+    rng = random.Random(0)
+    assert training_caption(a, rng, drop_caption=0.0, drop_factor=0.0) == caption(a)
+    assert training_caption(a, rng, drop_caption=1.0, drop_factor=0.0) == ""
+    assert training_caption(a, rng, drop_caption=0.0, drop_factor=1.0) == caption_without(a, set(FACTORS))
+    partial = {training_caption(a, rng, drop_caption=0.0, drop_factor=0.5) for _ in range(200)}
+    assert caption(a) in partial and len(partial) > 20  # every subset of named factors occurs
 
 
 def test_every_factor_changes_the_picture():
@@ -78,6 +88,11 @@ def test_retrieval_metric_on_known_embeddings():
         assert row["precision"] == 1.0 and abs(row["leakage"] - row["leakage_chance"]) < 0.1
     blind = retrieval({f: torch.randn(120, 8) for f in FACTORS}, assignments)
     assert all(abs(row["precision"] - row["chance"]) < 0.15 for row in blind.values())
+    assert selectivity(perfect) > 0.6
+    holistic = torch.cat(list(onehot.values()), dim=1)  # sees every factor, the same under every name
+    assert abs(selectivity(retrieval({f: holistic for f in FACTORS}, assignments))) < 1e-6
+    assert selectivity_spread({f: holistic for f in FACTORS}, assignments) < 1e-6  # 0 for every query
+    assert 0.0 < selectivity_spread(onehot, assignments) < 0.1
 
 
 def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministically(world_generator, tiny_backbone):
