@@ -1,13 +1,13 @@
 """The README's main job at CI size: the tiny world trained from scratch in a fresh folder, evaluated, and
 composed by a live ComfyUI through the headless client.
 
-Slow (about 15 minutes on 2 cores). What is asserted is what the measurements support (BENCHMARKS.md):
-the laboratory is sound — the judge reads world images, the generator draws what its captions say,
-the encoders see the image — and the main job's outputs are complete. The paper's claims (the
-attribute encoder beating the holistic one, both losses beating either) are *not* asserted: at this
-scale they are not reproduced, and a test asserting them would have to be rigged to pass.
-Thresholds sit well below the values measured at CI and full size, so that they fail when the
-laboratory breaks, not from run-to-run noise.
+Slow (about 25 minutes on 2 cores). Asserted: the main job's outputs are complete; the laboratory is
+sound (the judge reads world images, the generator draws what its prompts name, the encoders see the
+image); and the one claim of the paper that shows at this scale — the contrastive loss makes the
+embedding follow the attribute text (the paper's Δ ablation: without Lcon it is ≈ 0). The generation
+claims (attribute fidelity above text only, both losses beating either one in generation) are not
+reproduced at this scale (BENCHMARKS.md) and are not asserted: a test for them would have to be rigged.
+Thresholds sit well below the measured values, with margins from the measured spread.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from PIL import Image
 pytestmark = [pytest.mark.host, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
+# the smallest selectivity gap asserted: below the gaps measured at two training seeds (0.023 at the least;
+# see the selectivity test), far above the 0.00 of an encoder that ignores the attribute text
+MARGIN = 0.01
 VARIANTS = {"Omni-Attribute (Lgen + Lcon)", "generative loss only", "contrastive loss only", "holistic encoder"}
 
 
@@ -55,10 +58,33 @@ def test_the_laboratory_is_sound(main_job):
     judge = report["stages"]["judge"]["held_out_accuracy"]
     assert min(judge.values()) > 0.8, judge                            # measured 0.89–1.00
     drawn = report["stages"]["generator"]["text_fidelity_of_captions"]
-    assert drawn["color"] > 0.8 and drawn["background"] > 0.8, drawn   # measured 0.92–0.99
+    assert drawn["color"] > 0.8 and drawn["background"] > 0.8, drawn   # measured 1.00, 0.91
+    partial = report["stages"]["generator"]["text_fidelity_of_partial_prompts"]
+    assert partial["color"] > 0.8 and partial["background"] > 0.8, partial  # measured 1.00, 0.96
     for name, row in report["rows"].items():
         background = row["retrieval"]["background"]
         # every encoder sees the image: the background is retrieved far above chance
         assert background["precision"] > background["chance"] + 0.3, (name, background)
         # generation from a prompt that leaves one factor out keeps the prompt's factors
-        assert row["personalization"]["text_fidelity"] > 0.5, (name, row["personalization"])  # chance ≈ 0.28
+        assert row["personalization"]["text_fidelity"] > 0.5, (name, row["personalization"])  # 0.73–0.76; chance ≈ 0.28
+
+
+def test_the_contrastive_loss_makes_the_embedding_follow_the_attribute_text(main_job):
+    """Selectivity: how much more an embedding under a factor's name retrieves that factor than the
+    other factors (both above chance). The holistic encoder is 0 by construction. Measured at CI size
+    (BENCHMARKS.md), seed 0 / seed 1 of the encoders: Omni-Attribute 0.063 / 0.025, contrastive only
+    0.108 / 0.068, generative only 0.003 / 0.002; bootstrap spread over the held-out queries ≤ 0.006.
+    The training seed moves the gaps by about 0.04; the margin sits below the smaller seed's gaps."""
+    _, _, report = main_job
+    rows = {name: row["summary"] for name, row in report["rows"].items()}
+    omni, generative = rows["Omni-Attribute (Lgen + Lcon)"], rows["generative loss only"]
+    contrastive, holistic = rows["contrastive loss only"], rows["holistic encoder"]
+    assert abs(holistic["selectivity"]) < 1e-6, holistic  # the same embedding under every name
+
+    def above(a: dict, b: dict) -> bool:
+        margin = max(MARGIN, 3 * (a["selectivity_spread"] ** 2 + b["selectivity_spread"] ** 2) ** 0.5)
+        return a["selectivity"] > b["selectivity"] + margin
+
+    assert above(omni, holistic), (omni, holistic)            # the attribute encoder is not a holistic one
+    assert above(omni, generative), (omni, generative)        # ... because of Lcon
+    assert above(contrastive, generative), (contrastive, generative)
