@@ -26,7 +26,7 @@ import omni_attribute
 from omni_attribute.backbone import load_backbone
 from omni_attribute.encoder import build_encoder
 from benchmarks.timing import timed
-from omni_attribute.tiny import comfyui_tokenizer_dir, make_tiny_backbone_folder, tiny_adapter_metadata
+from devtools.fixtures import qwen25_tokenizer_dir, make_tiny_backbone_folder, tiny_adapter_metadata
 
 ATTRIBUTES = ["object color", "object shape", "surface pattern", "background color", "lighting direction",
               "object size", "object position", "image style", "camera angle", "material", "texture",
@@ -41,7 +41,7 @@ def make_folder(size: str, root: Path) -> Path:
     folder.mkdir(parents=True)
     shutil.copy(Path(omni_attribute.__file__).parent / "configs" / "qwen2_5_vl_7b_instruct.json", folder / "config.json")
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(comfyui_tokenizer_dir() / name, folder / name)
+        shutil.copy(qwen25_tokenizer_dir() / name, folder / name)
     return folder
 
 

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.ip_adapter import build, flux_benchmark_args
 from benchmarks.timing import timed
-from omni_attribute.comfy_host import import_in_process
+from devtools.comfy_host import import_in_process
 
 
 class PeakRSS:

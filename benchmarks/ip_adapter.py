@@ -24,7 +24,7 @@ import uuid
 import torch
 
 from benchmarks.timing import timed
-from omni_attribute.comfy_host import import_in_process
+from devtools.comfy_host import import_in_process
 from omni_attribute.flux_models import FluxLayout, build_comfy_flux, comfy_flux_forward
 
 SIZES = {

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import argparse
 
-from omni_attribute.world.pipeline import REPO, SIZES, render_table, run_benchmark
+from lab.world.pipeline import REPO, SIZES, render_table, run_benchmark
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
-"""ComfyUI glue: V3 nodes that adapt ComfyUI types to the omni_attribute library."""
+"""The ComfyUI adapter: V3 nodes that hand ComfyUI types to the ``omni_attribute`` library.
+
+The only shipped code that imports ComfyUI (``comfy*``, ``comfy_api``, ``folder_paths``). One module
+per feature: ``encode`` (encoder loader, Encode), ``embeds`` (save/load), ``apply`` (the IP-Adapter
+patch on a FLUX MODEL), ``flow_blend`` (Stack, Flow Blend Guider).
+"""
 
 from comfy_api.latest import ComfyExtension, io
 
 from . import folders
-from .embeds_nodes import LoadOmniAttributeEmbeds, SaveOmniAttributeEmbeds
-from .encoder_nodes import LoadOmniAttributeEncoder, OmniAttributeEncode
-from .guider_nodes import OmniAttributeFlowBlendGuider, OmniAttributeStack
-from .ip_nodes import ApplyOmniAttribute
-from .world_nodes import LoadTinyWorldGenerator, TinyWorldDecode, TinyWorldEmptyLatent, TinyWorldTextEncode
+from .apply import ApplyOmniAttribute
+from .embeds import LoadOmniAttributeEmbeds, SaveOmniAttributeEmbeds
+from .encode import LoadOmniAttributeEncoder, OmniAttributeEncode
+from .flow_blend import OmniAttributeFlowBlendGuider, OmniAttributeStack
 
 NODES: list[type[io.ComfyNode]] = [
     LoadOmniAttributeEncoder,
@@ -17,10 +21,6 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyOmniAttribute,
     OmniAttributeStack,
     OmniAttributeFlowBlendGuider,
-    LoadTinyWorldGenerator,
-    TinyWorldTextEncode,
-    TinyWorldEmptyLatent,
-    TinyWorldDecode,
 ]
 
 

@@ -14,12 +14,10 @@ ADAPTERS = "omni_attribute"                     # adapter .safetensors files
 BACKBONES = "omni_attribute_backbones"          # HF-format MLLM folders
 EMBEDS = "omni_attribute_embeds"                # saved attribute embeds
 EMBEDS_SUBFOLDER = "omni_attribute_embeds"
-WORLD_GENERATORS = "omni_attribute_world"       # tiny-world generator folders (the laboratory's FLUX)
-WORLD_MARKER = "world_generator.json"
 SAFETENSORS = {".safetensors"}
 
 
-def _extend(key: str, defaults: list[str], extensions: set[str]) -> None:
+def extend(key: str, defaults: list[str], extensions: set[str]) -> None:
     if key in folder_paths.folder_names_and_paths:
         paths, exts = folder_paths.folder_names_and_paths[key]
         for path in defaults:
@@ -35,14 +33,13 @@ def _extend(key: str, defaults: list[str], extensions: set[str]) -> None:
 
 def register() -> None:
     models = folder_paths.models_dir
-    _extend(ADAPTERS, [os.path.join(models, "omni_attribute")], SAFETENSORS)
-    _extend(BACKBONES, [os.path.join(models, "omni_attribute_backbones"), os.path.join(models, "LLM")], set())
-    _extend(WORLD_GENERATORS, [os.path.join(models, "omni_attribute_world")], set())
-    _extend(EMBEDS, [os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER),
+    extend(ADAPTERS, [os.path.join(models, "omni_attribute")], SAFETENSORS)
+    extend(BACKBONES, [os.path.join(models, "omni_attribute_backbones"), os.path.join(models, "LLM")], set())
+    extend(EMBEDS, [os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER),
                      os.path.join(folder_paths.get_input_directory(), EMBEDS_SUBFOLDER)], SAFETENSORS)
 
 
-def _list_model_folders(key: str, marker: str) -> list[str]:
+def list_model_folders(key: str, marker: str) -> list[str]:
     """Sub-folders (up to two levels deep) of ``key``'s paths holding ``marker``, as 'name' or 'org/name'."""
     found: set[str] = set()
     for root in folder_paths.get_folder_paths(key):
@@ -60,9 +57,9 @@ def _list_model_folders(key: str, marker: str) -> list[str]:
     return sorted(found)
 
 
-def _resolve_model_folder(key: str, name: str, marker: str, what: str) -> str:
+def resolve_model_folder(key: str, name: str, marker: str, what: str) -> str:
     """Full path of a listed folder. Names that are not listed (e.g. '../x') are refused."""
-    if name not in _list_model_folders(key, marker):
+    if name not in list_model_folders(key, marker):
         raise FileNotFoundError(
             f"{name!r} is not in any registered {key} folder ({', '.join(folder_paths.get_folder_paths(key))}): "
             f"put the {what} there"
@@ -75,17 +72,8 @@ def _resolve_model_folder(key: str, name: str, marker: str, what: str) -> str:
 
 
 def list_backbones() -> list[str]:
-    return _list_model_folders(BACKBONES, "config.json")
+    return list_model_folders(BACKBONES, "config.json")
 
 
 def resolve_backbone(name: str) -> str:
-    return _resolve_model_folder(BACKBONES, name, "config.json", "HF-format Qwen2.5-VL folder")
-
-
-def list_world_generators() -> list[str]:
-    return _list_model_folders(WORLD_GENERATORS, WORLD_MARKER)
-
-
-def resolve_world_generator(name: str) -> str:
-    return _resolve_model_folder(WORLD_GENERATORS, name, WORLD_MARKER,
-                                 "tiny-world generator folder (written by benchmarks/tiny_world.py)")
+    return resolve_model_folder(BACKBONES, name, "config.json", "HF-format Qwen2.5-VL folder")

@@ -10,6 +10,9 @@ import torch
 
 from .errors import BackboneError
 
+# A slow Qwen2.5 tokenizer folder (what ComfyUI ships); HF downloads carry tokenizer.json as well
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
 SUPPORTED_FAMILIES = ("qwen2_5_vl",)
 
 # Qwen2.5-VL's chat format, written out so that folders without a chat template work too.

@@ -36,7 +36,7 @@ class ConnectorConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     read_image: bool = True     # also read the image-token states (False: instruction states only)
-    image_positions: bool = False  # add a learned map of 2D sin-cos features of each image token's place
+    image_positions: bool = True   # add a learned map of 2D sin-cos features of each image token's place
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +44,7 @@ class ConnectorConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ConnectorConfig":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known.setdefault("image_positions", False)  # adapters written before the field existed have none
         return cls(**known)
 
 

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import EmbedsFileError
 from .files import atomic_save_safetensors
+from .injection import AttributeCondition
 
 FORMAT_NAME = "omni-attribute-embeds"
 FORMAT_VERSION = 1
@@ -40,6 +41,12 @@ class AttributeEmbeds:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def condition(self, weight: float = 1.0, start_percent: float = 0.0,
+                  end_percent: float = 1.0) -> AttributeCondition:
+        """All rows as one condition (their tokens act together), labelled by the attributes they describe."""
+        label = " + ".join(dict.fromkeys(self.attributes))
+        return AttributeCondition(self.tokens, weight, start_percent, end_percent, label)
 
     def summary(self) -> str:
         lines = [f"{len(self)} embedding(s): tokens {list(self.tokens.shape)}, pooled {list(self.pooled.shape)}"]

@@ -1,11 +1,15 @@
-"""ComfyUI IMAGE tensors → RGB images the MLLM can take, with clear errors for odd input."""
+"""Images as tensors: ComfyUI IMAGE tensors → RGB images the MLLM can take (with clear errors for odd
+input), and PIL images / files → [3,H,W] tensors in [0,1]."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .errors import ImageInputError
 
@@ -61,3 +65,17 @@ def fit_pixels(image: torch.Tensor, min_pixels: int, max_pixels: int, min_side: 
     new_h, new_w = max(min_side, round(h * scale)), max(min_side, round(w * scale))
     return F.interpolate(image, size=(new_h, new_w), mode="bicubic", antialias=scale < 1.0,
                          align_corners=False).clamp(0.0, 1.0)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image → [3,H,W] float32 RGB in [0,1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def load_rgb_batch(paths: list[Path]) -> torch.Tensor:
+    """Image files of one size → [B,3,H,W] in [0,1]."""
+    batch = []
+    for path in paths:
+        with Image.open(path) as image:
+            batch.append(pil_to_tensor(image))
+    return torch.stack(batch)

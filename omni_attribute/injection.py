@@ -1,96 +1,124 @@
 """Which attribute tokens act on which rows of a batched DiT call, when, where and how strongly.
 
-ComfyUI evaluates several conditions in one batch (chunk i = rows [i*B, (i+1)*B), with
-``cond_or_uncond[i]`` and ``uuids[i]`` naming the condition). An :class:`Injection` turns that
-into per-row tokens, key masks and scales, so that each condition gets its own tokens or none:
-the thing a flow-blend guider needs. Pure torch; the ComfyUI patches live in ``nodes/ip_patch.py``.
+A host evaluates several conditions in one batch (chunk i = rows [i*B, (i+1)*B), each chunk naming
+its condition by a kind — 0 positive, 1 negative — and an id). An :class:`Injection` turns that into
+per-row tokens, key masks and scales (a :class:`Plan`), so that each condition gets its own tokens
+or none: the thing a flow-blend guider needs. Pure torch: how ComfyUI hands these facts to a block
+lives in ``nodes/apply.py``.
+
+One type carries attribute tokens from the user's graph to the IP block: :class:`AttributeCondition`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .ip_adapter import IPAdapter, IPBlock
+from .ip_adapter import IPAdapter
 
-# transformer_options keys shared between the patches of one forward pass
-TXT_LEN = "omni_attribute_txt_len"
-GRID = "omni_attribute_grid"            # (rows, cols) of the image-token grid
-COND_TOKENS = "omni_attribute_cond_tokens"  # {cond uuid: CondTokens}: per-condition tokens set by a guider
+SIGMA_TOLERANCE = 1e-6
 
 
-@dataclass
-class CondTokens:
-    """Tokens one condition attends to: [R,M,D] rows acting together, optionally a weight per token."""
-    tokens: torch.Tensor
-    value_scale: torch.Tensor | None = None   # [R*M]
+@dataclass(frozen=True)
+class AttributeCondition:
+    """Embeds rows acting together (their tokens concatenated, never averaged), the weight that scales
+    their values, and the part of the sampling run in which they act (0 = first step, 1 = last)."""
+    tokens: torch.Tensor                # [R, M, D]
+    weight: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    label: str = ""
 
-    def joint(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = self.tokens.reshape(-1, self.tokens.shape[-1])
-        scale = self.value_scale if self.value_scale is not None else torch.ones(flat.shape[0])
-        return flat, scale.float()
+    def __post_init__(self):
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(f"attribute '{self.label}': need 0 <= start_percent <= end_percent <= 1, got "
+                             f"{self.start_percent} and {self.end_percent}")
+
+    def with_weight(self, weight: float) -> "AttributeCondition":
+        return replace(self, weight=weight)
+
+    def sigma_window(self, percent_to_sigma: Callable[[float], float]) -> "SigmaWindow":
+        """The sigmas this condition acts at, given the model's schedule (percent → sigma)."""
+        return SigmaWindow(float(percent_to_sigma(self.start_percent)), float(percent_to_sigma(self.end_percent)))
+
+
+@dataclass(frozen=True)
+class SigmaWindow:
+    """Active while ``end <= sigma <= start`` (sigmas fall during sampling)."""
+    start: float = math.inf
+    end: float = 0.0
+
+    def contains(self, sigma: float | None) -> bool:
+        if sigma is None:
+            return True
+        return self.end - SIGMA_TOLERANCE <= sigma <= self.start + SIGMA_TOLERANCE
+
+
+def joint_rows(conditions: Sequence[AttributeCondition]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditions attended together: tokens [ΣR·M, D] and each token's value weight [ΣR·M]."""
+    tokens = [c.tokens.reshape(-1, c.tokens.shape[-1]) for c in conditions]
+    weights = [torch.full((t.shape[0],), float(c.weight)) for c, t in zip(conditions, tokens)]
+    return torch.cat(tokens), torch.cat(weights)
 
 
 @dataclass
 class Plan:
-    tokens: torch.Tensor        # [B, M, D]
-    key_mask: torch.Tensor      # [B, M] bool
-    scale: torch.Tensor         # [B, 1] or [B, N]
-    value_scale: torch.Tensor   # [B, M]
+    """Per-row inputs of one IP block call: tokens [B,L,D], key_mask [B,L] (padding off), scale [B,1]
+    or [B,N] (0 for rows without tokens, the MASK on the token grid), value_scale [B,L] (weights)."""
+    tokens: torch.Tensor
+    key_mask: torch.Tensor
+    scale: torch.Tensor
+    value_scale: torch.Tensor
 
 
 @dataclass
 class Injection:
     ip: IPAdapter
-    tokens: torch.Tensor | None             # [R, M, D] rows of the embeds (None: only per-condition tokens)
-    weight: float = 1.0
-    per_batch_item: bool = False            # row i → latent item i (else: all rows' tokens act together)
-    sigma_start: float = float("inf")       # active while sigma_end <= sigma <= sigma_start
-    sigma_end: float = 0.0
-    apply_to: frozenset[int] | None = None  # cond_or_uncond values that get the default tokens; None = all
+    condition: AttributeCondition | None = None  # tokens for every chunk (Apply); None: only per-condition tokens
+    window: SigmaWindow = field(default_factory=SigmaWindow)  # when ``condition`` acts
+    per_batch_item: bool = False            # row i of the condition → latent item i (else: all rows together)
+    apply_to: frozenset[int] | None = None  # condition kinds that get ``condition``; None = all
     mask: torch.Tensor | None = None        # [Bm, H, W] in [0,1], where the attribute acts
-    key: str = field(default="omni_attribute")
+    key: str = "omni_attribute"
 
-    def active(self, sigmas: torch.Tensor | None) -> bool:
-        if sigmas is None:
-            return True
-        sigma = float(sigmas.max())
-        return self.sigma_end - 1e-6 <= sigma <= self.sigma_start + 1e-6
-
-    def rows_for_chunk(self, chunk_size: int) -> torch.Tensor:
-        """Default tokens for one chunk: [chunk, M', D]."""
+    def _default_rows(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        condition = self.condition
         if self.per_batch_item:
-            index = torch.arange(chunk_size) % self.tokens.shape[0]
-            return self.tokens[index]
-        joint = self.tokens.reshape(1, -1, self.tokens.shape[-1])
-        return joint.expand(chunk_size, -1, -1)
+            index = torch.arange(chunk) % condition.tokens.shape[0]
+            tokens = condition.tokens[index]
+            return tokens, torch.full(tokens.shape[:2], float(condition.weight))
+        flat, weights = joint_rows([condition])
+        return flat.expand(chunk, -1, -1), weights.expand(chunk, -1)
 
-    def plan(self, options: dict, batch: int, n_img: int, device: torch.device | str = "cpu",
+    def plan(self, kinds: Sequence[int], ids: Sequence[Any], batch: int, n_img: int, sigma: float | None = None,
+             per_condition: Mapping[Any, Sequence[AttributeCondition]] | None = None,
+             grid: tuple[int, int] | None = None, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> Plan | None:
-        """Per-row tokens for a batched call (on ``device``), or None when nothing acts on any row."""
-        if self.weight == 0 or not self.active(options.get("sigmas")):
-            return None
-        kinds = list(options.get("cond_or_uncond") or [0])
-        uuids = list(options.get("uuids") or [None] * len(kinds))
-        per_cond = options.get(COND_TOKENS) or {}
+        """Per-row tokens for a batched call, or None when nothing acts on any row.
+
+        ``kinds[i]``/``ids[i]`` name chunk i's condition; ``per_condition`` maps an id to the conditions
+        that chunk attends to together (a guider's choice), which win over ``condition``."""
+        per_condition = per_condition or {}
+        default_on = (self.condition is not None and self.condition.weight != 0 and self.window.contains(sigma))
         chunk = batch // len(kinds)
-        parts: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
-        for kind, uid in zip(kinds, uuids):
-            if uid is not None and uid in per_cond:
-                flat, value_scale = per_cond[uid].joint()
-                parts.append((flat.expand(chunk, -1, -1), value_scale))
-            elif self.tokens is not None and (self.apply_to is None or kind in self.apply_to):
-                parts.append((self.rows_for_chunk(chunk), None))
+        parts: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for kind, cond_id in zip(kinds, ids):
+            if cond_id is not None and cond_id in per_condition:
+                flat, weights = joint_rows(per_condition[cond_id])
+                parts.append((flat.expand(chunk, -1, -1), weights.expand(chunk, -1)))
+            elif default_on and (self.apply_to is None or kind in self.apply_to):
+                parts.append(self._default_rows(chunk))
             else:
                 parts.append(None)
         present = [p[0] for p in parts if p is not None]
         if not present:
             return None
-        width = present[0].shape[-1]
         longest = max(p.shape[1] for p in present)
-        tokens = torch.zeros(batch, longest, width, dtype=present[0].dtype)
+        tokens = torch.zeros(batch, longest, present[0].shape[-1], dtype=present[0].dtype)
         key_mask = torch.ones(batch, longest, dtype=torch.bool)  # rows without tokens attend to zeros, scaled by 0
         value_scale = torch.ones(batch, longest)
         scale = torch.zeros(batch, 1)
@@ -98,22 +126,14 @@ class Injection:
             if part is None:
                 continue
             rows = slice(i * chunk, (i + 1) * chunk)
-            part_tokens, part_scale = part
+            part_tokens, part_weights = part
             tokens[rows, :part_tokens.shape[1]] = part_tokens.to(tokens.dtype)
             key_mask[rows, part_tokens.shape[1]:] = False
-            if part_scale is not None:
-                value_scale[rows, :part_scale.shape[0]] = part_scale
-            scale[rows] = self.weight
+            value_scale[rows, :part_weights.shape[1]] = part_weights
+            scale[rows] = 1.0
         if self.mask is not None:
-            scale = scale * spatial_weights(self.mask, options.get(GRID), n_img, batch)
+            scale = scale * spatial_weights(self.mask, grid, n_img, batch)
         return Plan(tokens.to(device, dtype), key_mask.to(device), scale.to(device), value_scale.to(device))
-
-    def cached_plan(self, options: dict, batch: int, n_img: int, device, dtype) -> Plan | None:
-        """plan(), computed once per forward pass: ComfyUI hands every block the same options dict."""
-        slot = f"{self.key}_plan_{id(self)}_{n_img}"
-        if slot not in options:
-            options[slot] = self.plan(options, batch, n_img, device, dtype)
-        return options[slot]
 
 
 def spatial_weights(mask: torch.Tensor, grid: tuple[int, int] | None, n_img: int, batch: int) -> torch.Tensor:
@@ -129,15 +149,3 @@ def spatial_weights(mask: torch.Tensor, grid: tuple[int, int] | None, n_img: int
     if n_img > rows * cols:
         small = torch.cat([small, torch.ones(batch, n_img - rows * cols)], dim=1)
     return small[:, :n_img]
-
-
-def attention_override(previous, block: IPBlock, plan: Plan, img: slice):
-    """An ``optimized_attention_override`` for one block call: the block's own attention (or the
-    override already installed, so patches stack), plus the IP term on the image positions."""
-    def override(func, *args, **kwargs):
-        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-        q = args[0] if args else kwargs["q"]
-        term = block.contribution(q[:, :, img], plan.tokens, plan.key_mask, plan.scale, plan.value_scale)
-        out[:, img] += term.to(out.dtype)
-        return out
-    return override

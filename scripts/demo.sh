@@ -6,4 +6,4 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$(bash "$repo/scripts/setup.sh" | tail -n 1)
 cd "$repo"
-exec "$venv/bin/python" -m omni_attribute.demo "$@"
+exec "$venv/bin/python" -m lab.demo "$@"

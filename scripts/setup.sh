@@ -49,7 +49,7 @@ if [ ! -f "$cache/node/node_modules/playwright-core/package.json" ]; then
 fi
 
 # The ComfyUI host (COMFYUI_ROOT wins when set).
-"$venv/bin/python" -m omni_attribute.comfy_host provision >&2
+"$venv/bin/python" -m devtools.comfy_host provision >&2
 
 ln -sfn "$venv" "$repo/.venv"
 echo "$venv"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real Qwen2.5-VL folder (real Qwen2.5 tokenizer from ComfyUI) and adapters for it."""
+"""Shared fixtures (no ComfyUI imported): a tiny real Qwen2.5-VL folder (the real Qwen2.5 tokenizer, taken
+from the provisioned ComfyUI's data files), adapters for it, a tiny generator folder and tiny pairs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import json
 import pytest
 from PIL import Image, ImageDraw
 
-from omni_attribute.tiny import comfyui_tokenizer_dir, make_tiny_backbone_folder, make_untrained_adapter
+from devtools.fixtures import qwen25_tokenizer_dir, make_tiny_backbone_folder, make_untrained_adapter
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    return comfyui_tokenizer_dir()
+    return qwen25_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +34,8 @@ def world_generator(tmp_path_factory, tiny_backbone) -> Path:
     """A tiny-world generator folder, trained for 4 steps on 16 world images (real files, real format)."""
     from transformers import AutoTokenizer
 
-    from omni_attribute.world.generator import load_rgb_batch, train_world_generator
-    from omni_attribute.world.pairs import make_images, read_images
+    from lab.world.generator import load_rgb_batch, train_world_generator
+    from lab.world.pairs import make_images, read_images
 
     base = tmp_path_factory.mktemp("world")
     rows = read_images(make_images(base / "images", 16, seed=4))
@@ -53,30 +54,6 @@ def narrow_backbone(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def narrow_adapter(narrow_backbone, tmp_path_factory) -> Path:
     return make_untrained_adapter(narrow_backbone, tmp_path_factory.mktemp("adapters") / "narrow.safetensors", seed=3)
-
-
-@pytest.fixture(scope="session")
-def comfy_in_process() -> None:
-    """ComfyUI 0.3.75 importable in this process, in CPU mode, for tests of the ComfyUI glue."""
-    from omni_attribute.comfy_host import add_comfyui_to_path
-
-    add_comfyui_to_path(cpu=True)
-
-
-@pytest.fixture(scope="session")
-def plugin(comfy_in_process):
-    """The plugin folder imported as a package the way ComfyUI does (so nodes/ can use relative imports)."""
-    from omni_attribute.comfy_host import import_in_process
-
-    return import_in_process("omni_attribute_plugin_under_test")
-
-
-@pytest.fixture(scope="session")
-def plugin_module(plugin):
-    """plugin_module("nodes.ip_patch"): a module of the plugin's own copy of the code (what its nodes use)."""
-    import importlib
-
-    return lambda name: importlib.import_module(f"{plugin.__name__}.{name}")
 
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40)}

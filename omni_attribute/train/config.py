@@ -9,7 +9,10 @@ from typing import Any
 
 import yaml
 
+from ..adapter_file import AdapterMetadata
+from ..connector import ConnectorConfig
 from ..errors import OmniAttributeError
+from ..lora import DEFAULT_TARGETS
 from ..prompt import DEFAULT_TEMPLATE
 from .generator import GeneratorSpec
 
@@ -50,6 +53,23 @@ class AdapterConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
     init_from: str | None = None          # continue from an existing adapter file
+
+    def metadata(self, backbone_info: dict, out_dim: int, training: dict | None = None,
+                 generator: dict | None = None) -> AdapterMetadata:
+        """The adapter file's metadata for these settings on a backbone, for tokens ``out_dim`` wide."""
+        return AdapterMetadata(
+            backbone=backbone_info,
+            lora={"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                  "target_modules": self.lora_targets or DEFAULT_TARGETS},
+            connector=ConnectorConfig(in_dim=backbone_info["hidden_size"], out_dim=out_dim, num_tokens=self.num_tokens,
+                                      width=self.connector_width, num_layers=self.connector_layers,
+                                      num_heads=self.connector_heads, read_image=self.connector_reads_image,
+                                      image_positions=self.connector_image_positions and self.connector_reads_image),
+            prompt_template=self.prompt_template,
+            image={"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+            generator=generator,
+            training=training or {},
+        )
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import OmniAttributeError
+from ..images import pil_to_tensor
 
 log = logging.getLogger(__name__)
 REQUIRED = ("image_a", "image_b", "positive_attributes", "negative_attributes", "caption_a", "caption_b")
@@ -127,8 +128,7 @@ def load_rgb(path: Path, size: int) -> torch.Tensor:
         image = image.convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return pil_to_tensor(image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
 
 
 @dataclass

@@ -1,20 +1,30 @@
 """The frozen generator D for training: diffusers' FluxTransformer2DModel with the IP-Adapter twin,
 an image codec (latents) and text encoders.
 
-Real scale: a FLUX.1 diffusers folder (transformer/, vae/, text_encoder/ = CLIP-L, text_encoder_2 =
-T5-XXL, tokenizers). Tiny scale (tests, the tiny attribute world): a small FLUX layout, a fixed
-pixel codec standing in for the VAE and a small hashed-token text encoder.
+Two generator families (``generator.kind``):
+
+* ``flux``: a FLUX.1 diffusers folder (transformer/, vae/, text_encoder/ = CLIP-L, text_encoder_2 =
+  T5-XXL, tokenizers).
+* ``tiny``: a small FLUX layout, an exact pixel codec standing in for the VAE and a small hashed-token
+  text encoder — seeded random (tests), or a trained *tiny generator folder* (``path``): ``transformer/``
+  (diffusers), ``text_encoder.safetensors``, ``tokenizer/`` and ``tiny_generator.json``, as the
+  laboratory writes it with :func:`save_tiny_generator`.
+
+A new family is one more branch of :func:`build_generator` returning the same :class:`Generator`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from ..files import atomic_save_safetensors
 from ..flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
 from ..ip_adapter import IPAdapter, IPAdapterConfig, attach_to_diffusers, generator_metadata, ip_kwargs
 
@@ -103,9 +113,9 @@ class FluxTextEncoders(nn.Module):
 
 @dataclass
 class GeneratorSpec:
-    kind: str = "tiny"                 # "tiny" (seeded random tiny FLUX), "world" (a trained tiny-world
-                                       # generator folder) or "flux" (a diffusers FLUX.1 folder)
-    path: str | None = None            # flux / world: the folder
+    kind: str = "tiny"                 # "tiny" (a tiny generator folder, or seeded random without a path)
+                                       # or "flux" (a diffusers FLUX.1 folder)
+    path: str | None = None            # the folder (optional for tiny)
     seed: int = 0                      # tiny: weight seed
     ip_double: str | list[int] = "all"
     ip_single: str | list[int] = "none"
@@ -154,20 +164,71 @@ def build_generator(spec: GeneratorSpec, tokenizer, context_dim: int | None = No
                             context_dim=c.joint_attention_dim, vec_in_dim=c.pooled_projection_dim,
                             in_channels=c.in_channels, axes_dim=list(c.axes_dims_rope), guidance_embed=c.guidance_embeds)
         codec, text = FluxVAECodec(folder / "vae", dtype), FluxTextEncoders(folder, dtype)
+    elif spec.kind == "tiny" and spec.path:
+        transformer, text, layout = load_tiny_generator(spec.path, tokenizer)
+        codec = PixelCodec()
     elif spec.kind == "tiny":
         layout = FluxLayout.tiny()
         torch.manual_seed(spec.seed)
         transformer = build_diffusers_flux(layout, dtype=dtype)
         text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim)
         codec = PixelCodec()
-    elif spec.kind == "world":
-        from ..world.generator import load_world_generator
-
-        if not spec.path:
-            raise ValueError("generator.kind 'world' needs generator.path: a folder written by the tiny-world benchmark")
-        transformer, text, layout = load_world_generator(spec.path, tokenizer)
-        codec = PixelCodec()
     else:
-        raise ValueError(f"unknown generator kind {spec.kind!r}: use 'tiny', 'world' or 'flux'")
+        raise ValueError(f"unknown generator kind {spec.kind!r}: use 'tiny' or 'flux'")
     ip = IPAdapter(IPAdapterConfig.for_layout(layout, spec.ip_double, spec.ip_single, context_dim=context_dim))
     return Generator(transformer, layout, codec, text, ip.to(dtype), spec.guidance)
+
+
+# ---- the tiny generator folder ------------------------------------------------------------------------
+
+TINY_GENERATOR_META = "tiny_generator.json"
+
+
+def save_tiny_generator(folder: str | Path, transformer, text: TinyTextEncoder, tokenizer, layout: FluxLayout,
+                        info: dict | None = None) -> Path:
+    """Write a trained tiny generator as a folder that :func:`load_tiny_generator` (and the laboratory's
+    ComfyUI loader) read; ``info`` (steps, seed, …) is kept in the metadata."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.eval().save_pretrained(str(folder / "transformer"), safe_serialization=True)
+    atomic_save_safetensors(text.state_dict(), folder / "text_encoder.safetensors", {"kind": "tiny-text-encoder"})
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    meta = {"layout": layout.to_dict(), "text": {"max_length": text.max_length, "buckets": text.buckets},
+            "codec": "pixel", **(info or {})}
+    (folder / TINY_GENERATOR_META).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def read_tiny_generator_meta(folder: str | Path) -> dict:
+    path = Path(folder) / TINY_GENERATOR_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a tiny generator folder (no {TINY_GENERATOR_META}); "
+                                "the laboratory's benchmarks/tiny_world.py writes one")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): write the folder again") from exc
+
+
+def load_tiny_text_encoder(folder: str | Path, tokenizer=None) -> TinyTextEncoder:
+    """The generator's frozen text encoder, with the tokenizer saved beside it unless one is given."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    meta = read_tiny_generator_meta(folder)
+    layout = FluxLayout.from_dict(meta["layout"])
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), fix_mistral_regex=False)
+    text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim, **meta["text"])
+    text.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
+    return text.eval().requires_grad_(False)
+
+
+def load_tiny_generator(folder: str | Path, tokenizer=None):
+    """(diffusers transformer, text encoder, layout) of a tiny generator folder, frozen."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(folder)
+    layout = FluxLayout.from_dict(read_tiny_generator_meta(folder)["layout"])
+    transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).eval().requires_grad_(False)
+    return transformer, load_tiny_text_encoder(folder, tokenizer), layout

@@ -21,11 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapter_file import AdapterMetadata, check_backbone, config_hash, load_adapter, read_adapter_metadata, save_adapter
+from ..adapter_file import check_backbone, config_hash, load_adapter, read_adapter_metadata, save_adapter
 from ..backbone import load_backbone, read_folder_config
-from ..connector import ConnectorConfig
 from ..encoder import AttributeEncoder, backbone_info_from_config, build_encoder
-from ..lora import DEFAULT_TARGETS, load_lora_state_dict
+from ..lora import load_lora_state_dict
 from ..prompt import format_instruction
 from .config import TrainConfig
 from .data import (PairDataset, PairSample, StreamingPairs, check_images_exist, choose_attribute_sets,
@@ -107,22 +106,6 @@ class OmniAttributeModel(nn.Module):
 
 # ---- building ------------------------------------------------------------------------------------------
 
-def adapter_metadata(config: TrainConfig, backbone_info: dict) -> AdapterMetadata:
-    a = config.adapter
-    return AdapterMetadata(
-        backbone=backbone_info,
-        lora={"r": a.lora_r, "alpha": a.lora_alpha, "dropout": a.lora_dropout,
-              "target_modules": a.lora_targets or DEFAULT_TARGETS},
-        connector=ConnectorConfig(in_dim=backbone_info["hidden_size"], out_dim=0, num_tokens=a.num_tokens,
-                                  width=a.connector_width, num_layers=a.connector_layers, num_heads=a.connector_heads,
-                                  read_image=a.connector_reads_image,
-                                  image_positions=a.connector_image_positions and a.connector_reads_image),
-        prompt_template=a.prompt_template,
-        image={"min_pixels": a.min_pixels, "max_pixels": a.max_pixels},
-        training={"config_hash": config_hash(config.to_dict())},
-    )
-
-
 def preflight(config: TrainConfig) -> tuple[list, dict]:
     """Everything that can be checked without loading a model: data, images, backbone vs adapter sizes.
     Streaming runs check the first ``data.preflight_lines`` records only."""
@@ -148,8 +131,8 @@ def build_model(config: TrainConfig, backbone_info: dict) -> OmniAttributeModel:
     backbone = load_backbone(config.backbone.path, dtype=dtype)
     torch.manual_seed(config.seed)
     generator = build_generator(config.generator, backbone.tokenizer, dtype=dtype)
-    metadata = adapter_metadata(config, backbone.info())
-    metadata.connector = ConnectorConfig(**{**metadata.connector.to_dict(), "out_dim": generator.layout.context_dim})
+    metadata = config.adapter.metadata(backbone.info(), generator.layout.context_dim,
+                                       {"config_hash": config_hash(config.to_dict())})
     encoder = build_encoder(backbone, metadata, "training")
     if config.adapter.init_from:
         initial = load_adapter(config.adapter.init_from)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from omni_attribute.api import ComfyClient
-from omni_attribute.comfy_host import ComfyServer
+from omni_attribute.headless import ComfyClient
+from devtools.comfy_host import ComfyServer
 from omni_attribute.flux_models import FluxLayout
-from omni_attribute.tiny import make_untrained_adapter
+from devtools.fixtures import make_untrained_adapter
 
 FIXTURE_NODES = Path(__file__).resolve().parent.parent / "fixtures" / "comfy_test_nodes"
 
@@ -49,7 +49,7 @@ def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter, wo
     make_untrained_adapter(tiny_backbone, adapters / "tiny-ip-32-wide.safetensors", seed=6, out_dim=32,
                            generator_layout=FluxLayout(**{**tiny.to_dict(), "context_dim": 32}))
     # the tiny world: its generator folder and an adapter whose IP-Adapter fits that generator
-    from omni_attribute.world.generator import WORLD_LAYOUT
+    from lab.world.generator import WORLD_LAYOUT
 
     shutil.copytree(world_generator, base / "models" / "omni_attribute_world" / "tiny-world")
     make_untrained_adapter(tiny_backbone, adapters / "tiny-world-ip.safetensors", seed=7, generator_layout=WORLD_LAYOUT)
@@ -93,7 +93,7 @@ def test_image(width=64, height=64, channels=3, batch=1, seed=0, poison_nan=Fals
 
 
 def fetch_embeds(client, history: dict, tmp_path: Path):
-    from omni_attribute.api import node_outputs
+    from omni_attribute.headless import node_outputs
     from omni_attribute.embeds import load_embeds
 
     (item,) = node_outputs(history, "omni_attribute_embeds")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from omni_attribute.api import ExecutionFailed, PromptRejected
+from omni_attribute.headless import ExecutionFailed, PromptRejected
 
 pytestmark = pytest.mark.host
 

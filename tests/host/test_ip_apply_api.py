@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omni_attribute.api import ExecutionFailed, node_outputs
+from omni_attribute.headless import ExecutionFailed, node_outputs
 
 pytestmark = pytest.mark.host
 

@@ -1,5 +1,5 @@
 """Shipped workflows: valid on the live server, UI and API twins agree, and each runs end to end through the
-headless client (python -m omni_attribute.api) with the FLUX loaders swapped for the tiny test fixtures."""
+headless client (python -m omni_attribute.headless) with the FLUX loaders swapped for the tiny test fixtures."""
 
 import copy
 import json
@@ -64,7 +64,7 @@ def tiny_version(prompt: dict) -> dict:
 
 
 def run_cli(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "omni_attribute.api", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "omni_attribute.headless", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).resolve().parents[2])
 
 

@@ -9,7 +9,7 @@ import torch
 from omni_attribute.backbone import load_backbone
 from omni_attribute.encoder import build_encoder, load_encoder
 from omni_attribute.errors import AdapterMismatchError, BackboneError, ImageInputError
-from omni_attribute.tiny import tiny_adapter_metadata
+from devtools.fixtures import tiny_adapter_metadata
 
 
 @pytest.fixture(scope="module")

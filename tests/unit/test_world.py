@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from omni_attribute.train.data import parse_record
-from omni_attribute.world.evaluate import retrieval, selectivity, selectivity_spread
-from omni_attribute.world.factors import (FACTORS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, Assignment, caption,
+from lab.world.evaluate import retrieval, selectivity, selectivity_spread
+from lab.world.factors import (FACTORS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, Assignment, caption,
                                           caption_without, sample_assignment, vary)
-from omni_attribute.world.generator import load_rgb_batch, training_caption
-from omni_attribute.world.judge import accuracy, train_judge
-from omni_attribute.world.pairs import make_images, make_pairs, read_images
-from omni_attribute.world.render import render
+from lab.world.generator import load_rgb_batch, training_caption
+from lab.world.judge import accuracy, train_judge
+from lab.world.pairs import make_images, make_pairs, read_images
+from lab.world.render import render
 
 
 def test_assignments_and_captions():
@@ -96,7 +96,7 @@ def test_retrieval_metric_on_known_embeddings():
 
 
 def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministically(world_generator, tiny_backbone):
-    from omni_attribute.world.generator import load_world_generator, sample_images
+    from lab.world.generator import load_world_generator, sample_images
 
     transformer, text, layout = load_world_generator(world_generator)  # tokenizer/ saved beside the weights
     captions = ["a small plain red circle on a gray background, lit from above", ""]
@@ -107,7 +107,7 @@ def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministi
 
 def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_generator, comfy_in_process):
     from omni_attribute.flux_models import comfy_flux_forward, diffusers_flux_forward
-    from omni_attribute.world.generator import load_world_for_comfy, load_world_generator
+    from lab.world.generator import load_world_for_comfy, load_world_generator
 
     transformer, text, layout = load_world_generator(world_generator)
     comfy_model, comfy_text, _ = load_world_for_comfy(world_generator)
@@ -126,7 +126,7 @@ def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_g
 
 def test_captioner_stage_trains_and_reloads(tmp_path, tiny_backbone):
     from omni_attribute.backbone import load_backbone
-    from omni_attribute.world.backbone import pretrain_captioner
+    from lab.world.backbone import pretrain_captioner
 
     rows = read_images(make_images(tmp_path / "img", 8, seed=4))
     losses = []

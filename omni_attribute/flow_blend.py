@@ -16,25 +16,9 @@ prompt, then ordinary guidance against D(∅, ∅): v ≈ D(∅,∅) + s_T·(D(E
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-
-
-@dataclass
-class AttributeCondition:
-    """One entry of an attribute stack: embeds rows acting together, their weight and active range."""
-    tokens: torch.Tensor                # [R, M, D]
-    weight: float = 1.0
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    label: str = ""
-
-    def __post_init__(self):
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            raise ValueError(f"attribute '{self.label}': need 0 <= start_percent <= end_percent <= 1, got "
-                             f"{self.start_percent} and {self.end_percent}")
 
 
 def flow_blend(text: torch.Tensor, empty: torch.Tensor, attributes: Sequence[torch.Tensor],
@@ -46,11 +30,3 @@ def flow_blend(text: torch.Tensor, empty: torch.Tensor, attributes: Sequence[tor
     for prediction, weight in zip(attributes, weights):
         result = result + weight * (prediction - empty)
     return result
-
-
-def joint_tokens(conditions: Sequence[AttributeCondition]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All active conditions' tokens attended together: tokens [1, ΣR·M, D] and per-token value weights."""
-    tokens = [c.tokens.reshape(-1, c.tokens.shape[-1]) for c in conditions]
-    scales = [torch.full((t.shape[0],), float(c.weight)) for c, t in zip(conditions, tokens)]
-    return torch.cat(tokens)[None], torch.cat(scales)
-

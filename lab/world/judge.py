@@ -75,7 +75,7 @@ def accuracy(judge: FactorJudge, images: torch.Tensor, assignments: list[Assignm
 
 
 def save_judge(judge: FactorJudge, path: str | Path) -> None:
-    from ..files import atomic_save_safetensors
+    from omni_attribute.files import atomic_save_safetensors
 
     atomic_save_safetensors(judge.state_dict(), path, {"omni_attribute_world": "factor-judge-v1"})
 

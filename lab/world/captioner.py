@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbone import IMAGE_PAD, PREFIX_TEMPLATE, SYSTEM_PROMPT, load_backbone
-from ..connector import Connector, ConnectorConfig
-from ..adapter_file import AdapterMetadata
-from ..encoder import AttributeEncoder
-from ..lora import DEFAULT_TARGETS
+from omni_attribute.backbone import IMAGE_PAD, PREFIX_TEMPLATE, SYSTEM_PROMPT, load_backbone
+from omni_attribute.connector import Connector
+from omni_attribute.encoder import AttributeEncoder
+from omni_attribute.train.config import AdapterConfig
+from devtools.fixtures import copy_tokenizer
+
 from .generator import clipped_step
 from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, factor_words
 
@@ -49,11 +50,10 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
     model, tokenizer = backbone.model, backbone.tokenizer
     model.requires_grad_(True).train()
     # a throwaway encoder only for its image preparation (same resizing as the attribute encoder uses)
-    unused = ConnectorConfig(in_dim=backbone.info()["hidden_size"], out_dim=1, num_tokens=1, width=2, num_layers=1,
-                             num_heads=1)
-    helper = AttributeEncoder(backbone, Connector(unused), AdapterMetadata(
-        backbone=backbone.info(), lora={"target_modules": DEFAULT_TARGETS}, connector=unused,
-        prompt_template="", image={"min_pixels": image_pixels, "max_pixels": image_pixels}))
+    settings = AdapterConfig(num_tokens=1, connector_width=2, connector_layers=1, connector_heads=1,
+                             min_pixels=image_pixels, max_pixels=image_pixels)
+    metadata = settings.metadata(backbone.info(), out_dim=1)
+    helper = AttributeEncoder(backbone, Connector(metadata.connector), metadata)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -90,6 +90,5 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(str(out), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(Path(random_folder) / name, out / name)
+    copy_tokenizer(random_folder, out)
     return out

@@ -6,8 +6,8 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..omni_attribute.encoder import load_encoder
-from ..omni_attribute.prompt import parse_attribute_text
+from omni_attribute.encoder import load_encoder
+from omni_attribute.prompt import parse_attribute_text
 from . import folders
 from .model_management import EncoderHandle, pick_devices, pick_dtype
 from .sockets import Embeds, Encoder

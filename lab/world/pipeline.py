@@ -1,7 +1,7 @@
 """The tiny attribute world end to end: data → judge → captioner backbone → generator → four encoders →
 evaluation. Each stage is cached in a folder keyed by its settings; a cached stage is reused and says so.
 
-Used by ``benchmarks/tiny_world.py`` (the table), the main job (``omni_attribute.demo``) and the CI test.
+Used by ``benchmarks/tiny_world.py`` (the table), the main job (``lab.demo``) and the CI test.
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..adapter_file import load_adapter
-from ..encoder import load_encoder
-from ..ip_adapter import attach_to_diffusers, load_ip_adapter
-from ..tiny import make_tiny_backbone_folder
-from ..train.config import load_config
-from ..train.trainer import train
-from .backbone import pretrain_captioner
+from omni_attribute.adapter_file import load_adapter
+from omni_attribute.encoder import load_encoder
+from omni_attribute.ip_adapter import attach_to_diffusers, load_ip_adapter
+from devtools.fixtures import make_tiny_backbone_folder
+from omni_attribute.train.config import load_config
+from omni_attribute.train.trainer import train
+from .captioner import pretrain_captioner
 from .evaluate import (attribute_tokens, composition_scores, embed_by_factor, personalization_scores, retrieval,
                        selectivity, selectivity_spread)
 from .factors import FACTORS, Assignment, caption_without, sample_assignment
-from .generator import load_rgb_batch, load_world_generator, sample_composed, sample_images, train_world_generator
+from omni_attribute.images import load_rgb_batch
+from omni_attribute.train.generator import load_tiny_generator
+
+from .generator import sample_composed, sample_images, train_world_generator
 from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
 from .pairs import make_images, make_pairs, read_images
 from .render import render
@@ -148,7 +151,7 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
         if not cached:
             config = load_config(TRAIN_CONFIG, [
                 f"output_dir={enc_dir / 'run'}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}",
-                "data.validation_pairs=null", f"backbone.path={backbone}", "generator.kind=world",
+                "data.validation_pairs=null", f"backbone.path={backbone}", "generator.kind=tiny",
                 f"generator.path={gen_dir / 'model'}", f"optim.max_steps={size['encoder_steps']}",
                 f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
                 "runtime.checkpoint_every=100000", "runtime.log_every=25", *ENCODER_SETTINGS, *overrides])
@@ -162,7 +165,7 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
 def _generator_report(model: Path, judge: FactorJudge, truth: list[Assignment], seed: int) -> dict:
     """How well the judge reads back the generator's images of full captions, and of partial prompts
     (each naming a random half of the factors: scored on the named ones only)."""
-    transformer, text, layout = load_world_generator(model)
+    transformer, text, layout = load_tiny_generator(model)
     full = accuracy(judge, sample_images(transformer, text, layout, [caption_without(a, set()) for a in truth],
                                          seed=seed), truth)
     rng = random.Random(seed + 5)
@@ -216,7 +219,7 @@ def evaluate(adapter: Path, backbone: Path, generator: Path, judge: FactorJudge,
     encoder = load_encoder(backbone, adapter)
     embeddings = embed_by_factor(encoder, images)
     retrieval_rows = retrieval(embeddings, truth)
-    transformer, text, layout = load_world_generator(generator)
+    transformer, text, layout = load_tiny_generator(generator)
     file = load_adapter(adapter)
     attach_to_diffusers(transformer, load_ip_adapter(file.metadata.generator, file.section("ip_adapter"), adapter.name))
     rng = random.Random(seed + 11)
@@ -253,8 +256,7 @@ def evaluate(adapter: Path, backbone: Path, generator: Path, judge: FactorJudge,
 
 def render_batch(assignments: list[Assignment]) -> torch.Tensor:
     """World images of these assignments: [B,3,32,32] in [0,1]."""
-    return torch.stack([torch.from_numpy(np.asarray(render(a), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                        for a in assignments])
+    return torch.stack([pil_to_tensor(render(a)) for a in assignments])
 
 
 def render_table(report: dict) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..prompt import format_instruction
+from omni_attribute.prompt import format_instruction
 from .factors import FACTORS, HELD_OUT_PHRASINGS, Assignment
 
 

@@ -1,36 +1,26 @@
-"""The world's text-to-image generator: a small FLUX (diffusers twin) + text encoder trained from scratch
-with the rectified-flow loss on world images and captions, then frozen. Saved as a folder:
-``transformer/`` (diffusers), ``text_encoder.safetensors``, ``tokenizer/`` and ``world_generator.json``.
-The same folder loads in ComfyUI (``load_world_for_comfy``): the DiT as ComfyUI's own FLUX model."""
+"""The world's text-to-image generator: the trainer's *tiny* generator family (a small FLUX, a hashed-token
+text encoder, the exact pixel codec) trained from scratch with the rectified-flow loss on world images and
+captions, then frozen and saved as a tiny generator folder (``omni_attribute.train.generator``). The
+same folder loads in ComfyUI through the laboratory's node pack (``lab/comfy_nodes``)."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 
-from ..files import atomic_save_safetensors
-from ..flux_models import FluxLayout, build_comfy_flux, build_diffusers_flux, diffusers_flux_forward, diffusers_to_comfy_flux
-from ..ip_adapter import ip_kwargs
-from ..train.generator import PixelCodec, TinyTextEncoder
-from ..train.losses import flow_matching_loss, noisy_latents, sample_timesteps
+from omni_attribute.flow_blend import flow_blend
+from omni_attribute.flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
+from omni_attribute.images import load_rgb_batch
+from omni_attribute.ip_adapter import ip_kwargs
+from omni_attribute.train.generator import PixelCodec, TinyTextEncoder, save_tiny_generator
+from omni_attribute.train.losses import flow_matching_loss, noisy_latents, sample_timesteps
+
 from .factors import FACTORS, Assignment, caption_without
 
 WORLD_LAYOUT = FluxLayout(hidden_size=128, num_heads=4, depth_double=3, depth_single=3, context_dim=64,
                           vec_in_dim=32, axes_dim=[8, 12, 12])
-META = "world_generator.json"
-
-
-def load_rgb_batch(paths: list[Path]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
-                        .permute(2, 0, 1) for p in paths])
-
-
 def clipped_step(loss: torch.Tensor, params, optimizer, schedule) -> None:
     """One optimiser step of the world's from-scratch training loops (gradient norm clipped at 1)."""
     optimizer.zero_grad()
@@ -74,16 +64,8 @@ def train_world_generator(images: torch.Tensor, assignments: list[Assignment], t
         clipped_step(loss, params, optimizer, schedule)
         if progress:
             progress(step + 1, steps, float(loss.detach()))
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    transformer.eval().save_pretrained(str(folder / "transformer"), safe_serialization=True)
-    atomic_save_safetensors(text.state_dict(), folder / "text_encoder.safetensors", {"kind": "tiny-text-encoder"})
-    tokenizer.save_pretrained(str(folder / "tokenizer"))
-    (folder / META).write_text(json.dumps({"layout": layout.to_dict(), "text": {"max_length": text.max_length,
-                                                                                "buckets": text.buckets},
-                                           "codec": "pixel", "steps": steps, "seed": seed,
-                                           "drop_factor": drop_factor}, indent=2))
-    return folder
+    return save_tiny_generator(folder, transformer, text, tokenizer, layout,
+                               {"steps": steps, "seed": seed, "drop_factor": drop_factor})
 
 
 def training_caption(a: Assignment, rng: random.Random, drop_caption: float, drop_factor: float) -> str:
@@ -91,49 +73,6 @@ def training_caption(a: Assignment, rng: random.Random, drop_caption: float, dro
     if rng.random() < drop_caption:
         return ""
     return caption_without(a, {f for f in FACTORS if rng.random() < drop_factor})
-
-
-def read_world_meta(folder: str | Path) -> dict:
-    path = Path(folder) / META
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a tiny-world generator folder (no {META}); "
-                                "benchmarks/tiny_world.py writes one")
-    return json.loads(path.read_text())
-
-
-def load_world_text_encoder(folder: str | Path, tokenizer=None) -> TinyTextEncoder:
-    """The generator's frozen text encoder, with the tokenizer saved beside it unless one is given."""
-    from transformers import AutoTokenizer
-
-    folder = Path(folder)
-    meta = read_world_meta(folder)
-    layout = FluxLayout.from_dict(meta["layout"])
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), fix_mistral_regex=False)
-    text = TinyTextEncoder(tokenizer, layout.context_dim, layout.vec_in_dim, **meta["text"])
-    text.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
-    return text.eval().requires_grad_(False)
-
-
-def load_world_generator(folder: str | Path, tokenizer=None):
-    """(transformer, text encoder, layout) of a saved world generator, frozen (diffusers side)."""
-    from diffusers import FluxTransformer2DModel
-
-    folder = Path(folder)
-    layout = FluxLayout.from_dict(read_world_meta(folder)["layout"])
-    transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).eval().requires_grad_(False)
-    return transformer, load_world_text_encoder(folder, tokenizer), layout
-
-
-def load_world_for_comfy(folder: str | Path):
-    """(ComfyUI FLUX ``BaseModel``, text encoder, layout): the diffusers weights mapped onto ComfyUI's own
-    FLUX, with the linear sigma schedule (shift 1) the world's sampler uses."""
-    folder = Path(folder)
-    layout = FluxLayout.from_dict(read_world_meta(folder)["layout"])
-    weights = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    model = build_comfy_flux(layout, sampling_shift=1.0)
-    model.diffusion_model.load_state_dict(diffusers_to_comfy_flux(weights, layout), strict=True)
-    return model.eval(), load_world_text_encoder(folder), layout
 
 
 def sample_images(transformer, text, layout: FluxLayout, captions: list[str], seed: int = 0, steps: int = 20,
@@ -148,8 +87,6 @@ def sample_composed(transformer, text, layout: FluxLayout, captions: list[str], 
                     size: int = 32) -> torch.Tensor:
     """The flow-blend rule in the diffusers twin: per step v* = v(∅,∅) + s_T (v(∅,c) − v(∅,∅)) +
     Σ w_i (v(E_i,∅) − v(∅,∅)); ``tokens[i]`` is [B,M,D] (one reference per sample and attribute)."""
-    from ..composition import flow_blend
-
     codec = PixelCodec()
     b = len(captions)
     g = torch.Generator().manual_seed(seed)

@@ -1,28 +1,33 @@
-"""Tiny configurations of the real architectures, for tests, the demo and the tiny attribute world.
+"""Tiny configurations of the real architectures, for tests, benchmarks and the laboratory.
 
-They are real transformers / ComfyUI models, only small: a Qwen2.5-VL with 2 layers of width 64
-and the real Qwen2.5 tokenizer (ComfyUI ships it in comfy/text_encoders/qwen25_tokenizer).
+They are real transformers models, only small: a Qwen2.5-VL with 2 layers of width 64 and the real
+Qwen2.5 tokenizer (a downloaded asset: ComfyUI ships it in comfy/text_encoders/qwen25_tokenizer, and
+the provisioned ComfyUI copy is where we take it from; nothing of ComfyUI is imported).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .adapter_file import AdapterMetadata
-from .connector import ConnectorConfig
-from .lora import DEFAULT_TARGETS
-from .prompt import DEFAULT_TEMPLATE
+from omni_attribute.adapter_file import AdapterMetadata
+from omni_attribute.backbone import TOKENIZER_FILES
+from omni_attribute.train.config import AdapterConfig
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+from .comfy_host import comfyui_root
 
 
-def comfyui_tokenizer_dir() -> Path:
-    from .comfy_host import comfyui_root
-
+def qwen25_tokenizer_dir() -> Path:
+    """The real Qwen2.5 tokenizer files (vocab, merges, config), from the provisioned ComfyUI's data."""
     return comfyui_root() / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+def copy_tokenizer(source: str | Path, folder: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(source) / name, Path(folder) / name)
 
 
 def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2,
@@ -61,24 +66,19 @@ def make_tiny_backbone_folder(folder: str | Path, seed: int = 0, hidden_size: in
     model = Qwen2_5_VLForConditionalGeneration(
         tiny_qwen25vl_config(hidden_size, layers, vision_hidden, vision_depth, rope_theta, mlp_ratio))
     model.save_pretrained(str(folder), safe_serialization=True)
-    source = Path(tokenizer_dir) if tokenizer_dir else comfyui_tokenizer_dir()
-    for name in TOKENIZER_FILES:
-        shutil.copy(source / name, folder / name)
+    copy_tokenizer(tokenizer_dir or qwen25_tokenizer_dir(), folder)
     return folder
+
+
+TINY_ADAPTER = AdapterConfig(num_tokens=4, connector_width=32, connector_layers=2, connector_heads=2, lora_r=4,
+                             lora_alpha=4, min_pixels=28 * 28, max_pixels=112 * 112)
 
 
 def tiny_adapter_metadata(backbone_info: dict, out_dim: int = 64, num_tokens: int = 4,
                           generator: dict | None = None) -> AdapterMetadata:
-    return AdapterMetadata(
-        backbone=backbone_info,
-        lora={"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": DEFAULT_TARGETS},
-        connector=ConnectorConfig(in_dim=backbone_info["hidden_size"], out_dim=out_dim, num_tokens=num_tokens,
-                                  width=32, num_layers=2, num_heads=2),
-        prompt_template=DEFAULT_TEMPLATE,
-        image={"min_pixels": 28 * 28, "max_pixels": 112 * 112},
-        generator=generator,
-        training={"note": "untrained tiny fixture: random connector and LoRA"},
-    )
+    settings = replace(TINY_ADAPTER, num_tokens=num_tokens)
+    return settings.metadata(backbone_info, out_dim, {"note": "untrained tiny fixture: random connector and LoRA"},
+                             generator)
 
 
 def make_untrained_adapter(backbone_folder: str | Path, adapter_path: str | Path, seed: int = 0,
@@ -88,9 +88,9 @@ def make_untrained_adapter(backbone_folder: str | Path, adapter_path: str | Path
 
     With ``generator_layout`` (a FluxLayout) it carries IP-Adapter weights for that DiT.
     """
-    from .backbone import load_backbone
-    from .encoder import build_encoder
-    from .ip_adapter import IPAdapter, IPAdapterConfig, generator_metadata
+    from omni_attribute.backbone import load_backbone
+    from omni_attribute.encoder import build_encoder
+    from omni_attribute.ip_adapter import IPAdapter, IPAdapterConfig, generator_metadata
 
     backbone = load_backbone(backbone_folder)
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..omni_attribute.embeds import load_embeds, save_embeds
+from omni_attribute.embeds import load_embeds, save_embeds
 from . import folders
 from .sockets import Embeds
 

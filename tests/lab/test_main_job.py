@@ -32,7 +32,7 @@ VARIANTS = {"Omni-Attribute (Lgen + Lcon)", "generative loss only", "contrastive
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
     root = tmp_path_factory.mktemp("main-job")
-    result = subprocess.run([sys.executable, "-m", "omni_attribute.demo", "--out", str(root / "out"),
+    result = subprocess.run([sys.executable, "-m", "lab.demo", "--out", str(root / "out"),
                              "--work", str(root / "work"), "--size", "ci", "--cases", "2"],
                             capture_output=True, text=True, timeout=3300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -1,22 +1,59 @@
-"""The tiny attribute world in ComfyUI: load its generator (ComfyUI's own FLUX with the world's weights),
-encode captions with its text encoder, make an empty 32×32 latent and decode latents to pixels.
+"""The laboratory's ComfyUI node pack (not part of the shipped plugin): the tiny attribute world in
+ComfyUI — load a tiny generator folder (ComfyUI's own FLUX with its weights), encode captions with its
+text encoder, make an empty 32×32 latent and decode latents to pixels.
 
-The world's "VAE" is an exact pixel codec (2×2 pixel-unshuffle), so decoding needs no weights."""
+The world's "VAE" is an exact pixel codec (2×2 pixel-unshuffle), so decoding needs no weights. The
+main job and the tests link this folder into ComfyUI's ``custom_nodes`` beside the plugin (with the
+repository on ``PYTHONPATH``, see ``devtools/comfy_host.py``).
+"""
 
 from __future__ import annotations
 
-import torch
-from comfy_api.latest import io
+import os
+from pathlib import Path
 
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.model_patcher
+import folder_paths
+import torch
+from comfy_api.latest import ComfyExtension, io
+from safetensors.torch import load_file
 
-from ..omni_attribute.train.generator import PixelCodec
-from ..omni_attribute.world.generator import load_world_for_comfy
-from . import folders
+from devtools.comfy_flux import build_comfy_flux
+from omni_attribute.flux_models import FluxLayout, diffusers_to_comfy_flux
+from omni_attribute.train.generator import (TINY_GENERATOR_META, PixelCodec, load_tiny_text_encoder,
+                                            read_tiny_generator_meta)
 
+WEB_DIRECTORY = "./web"  # node help pages: web/docs/<node id>.md
+GENERATORS = "omni_attribute_world"  # model folder key: models/omni_attribute_world/<name>/
 CATEGORY = "Omni-Attribute/tiny world"
+
+
+def list_generators() -> list[str]:
+    roots = folder_paths.get_folder_paths(GENERATORS) if GENERATORS in folder_paths.folder_names_and_paths else []
+    return sorted(entry.name for root in roots if os.path.isdir(root) for entry in os.scandir(root)
+                  if os.path.isfile(os.path.join(entry.path, TINY_GENERATOR_META)))
+
+
+def resolve_generator(name: str) -> Path:
+    if name not in list_generators():
+        raise FileNotFoundError(f"{name!r} is not a tiny generator folder in models/{GENERATORS}: the main job "
+                                "(bash scripts/demo.sh) installs one there")
+    for root in folder_paths.get_folder_paths(GENERATORS):
+        if os.path.isfile(os.path.join(root, name, TINY_GENERATOR_META)):
+            return Path(root, name)
+    raise FileNotFoundError(f"tiny generator folder {name!r} disappeared while loading")
+
+
+def load_for_comfy(folder: Path):
+    """(ComfyUI FLUX ``BaseModel``, text encoder): the diffusers weights mapped onto ComfyUI's own FLUX,
+    with the linear sigma schedule (shift 1) the world's sampler uses."""
+    layout = FluxLayout.from_dict(read_tiny_generator_meta(folder)["layout"])
+    weights = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    model = build_comfy_flux(layout, sampling_shift=1.0)
+    model.diffusion_model.load_state_dict(diffusers_to_comfy_flux(weights, layout), strict=True)
+    return model.eval(), load_tiny_text_encoder(folder)
 WorldText = io.Custom("OMNI_ATTRIBUTE_WORLD_TEXT")
 WORLD_IMAGE_SIZE = 32
 
@@ -30,14 +67,14 @@ class LoadTinyWorldGenerator(io.ComfyNode):
             category=CATEGORY,
             description="The tiny attribute world's text-to-image FLUX (trained by benchmarks/tiny_world.py) "
                         "and its text encoder.",
-            inputs=[io.Combo.Input("generator", options=folders.list_world_generators(),
+            inputs=[io.Combo.Input("generator", options=list_generators(),
                                    tooltip="a generator folder in models/omni_attribute_world")],
             outputs=[io.Model.Output(), WorldText.Output(display_name="text_encoder")],
         )
 
     @classmethod
     def execute(cls, generator: str) -> io.NodeOutput:
-        model, text_encoder, _ = load_world_for_comfy(folders.resolve_world_generator(generator))
+        model, text_encoder = load_for_comfy(resolve_generator(generator))
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                    offload_device=mm.unet_offload_device())
         return io.NodeOutput(patcher, text_encoder)
@@ -105,3 +142,14 @@ class TinyWorldDecode(io.ComfyNode):
         if scale > 1:
             rgb = torch.nn.functional.interpolate(rgb, scale_factor=scale, mode="nearest")
         return io.NodeOutput(rgb.permute(0, 2, 3, 1).contiguous())
+
+
+class TinyWorldExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadTinyWorldGenerator, TinyWorldTextEncode, TinyWorldEmptyLatent, TinyWorldDecode]
+
+
+async def comfy_entrypoint() -> TinyWorldExtension:
+    if GENERATORS not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[GENERATORS] = ([os.path.join(folder_paths.models_dir, GENERATORS)], set())
+    return TinyWorldExtension()

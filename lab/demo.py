@@ -1,12 +1,12 @@
 """The main job: the tiny attribute world end to end, with the generation done by a real ComfyUI server.
 
-    python -m omni_attribute.demo [--out DIR] [--work DIR] [--size ci|full]
+    python -m lab.demo [--out DIR] [--work DIR] [--size ci|full]
 
 1. Trains the tiny world (or reuses it: every stage is cached under --work): the world data, the judge,
    the tiny Qwen2.5-VL backbone, the tiny FLUX generator and the four encoders of the benchmark, and
-   evaluates them (the benchmark table, ``omni_attribute.world.pipeline``).
+   evaluates them (the benchmark table, ``lab.world.pipeline``).
 2. Lays the trained files out as ComfyUI model folders, starts ComfyUI with the plugin and runs the
-   shipped workflow ``workflows/tiny_world_compose.api.json`` headlessly (``omni_attribute.api``) on
+   shipped workflow ``workflows/tiny_world_compose.api.json`` headlessly (``omni_attribute.headless``) on
    held-out cases: the object colour from one reference, the background from a second, the rest from
    the prompt; each case also once with the attribute weights at 0 (text only), for comparison.
 3. Reads every output back with the world's judge and writes ``tiny_world_grid.png`` (references,
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .api import ComfyClient, load_workflow, run_workflow, set_inputs
-from .comfy_host import PLUGIN_DIR, ComfyServer
+from omni_attribute.headless import ComfyClient, load_workflow, run_workflow, set_inputs
+from devtools.comfy_host import REPO, ComfyServer
 from .world.factors import caption_without, sample_assignment
 from .world.judge import load_judge
 from .world.pipeline import OMNI, render_table, run_benchmark
 from .world.render import render
 
-WORKFLOW = PLUGIN_DIR / "workflows" / "tiny_world_compose.api.json"
+WORKFLOW = REPO / "lab" / "workflows" / "tiny_world_compose.api.json"
 BACKBONE, GENERATOR, ADAPTER = "tiny-world-qwen25vl", "tiny-world", "tiny-world.safetensors"
 ASKED = ("color", "background")          # what the workflow's two Encode nodes ask for (held-out phrasings)
 CELL = 128
@@ -71,8 +71,8 @@ def make_cases(count: int, seed: int, folder: Path) -> list[dict]:
 
 def read_back(path: Path) -> torch.Tensor:
     """A saved output (32 px shown ×4) back to a [3,32,32] world image."""
-    image = Image.open(path).convert("RGB").resize((32, 32), Image.BOX)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    with Image.open(path) as image:
+        return pil_to_tensor(image.convert("RGB").resize((32, 32), Image.BOX))
 
 
 def draw_grid(cases: list[dict], out: Path) -> Path:
@@ -115,10 +115,10 @@ def run_cases(server_url: str, cases: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m omni_attribute.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=PLUGIN_DIR / "demo-output", help="output folder")
-    parser.add_argument("--work", type=Path, default=PLUGIN_DIR / "runs" / "tiny-world-ci",
+    parser.add_argument("--out", type=Path, default=REPO / "demo-output", help="output folder")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "tiny-world-ci",
                         help="where the trained world is cached (reused by later runs)")
     parser.add_argument("--size", choices=["ci", "full"], default="ci",
                         help="ci: about 15 minutes on 2 cores the first time; full: the BENCHMARKS.md run")
