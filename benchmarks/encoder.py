@@ -22,11 +22,14 @@ import tempfile
 
 import torch
 
-import omni_attribute
+from benchmarks.timing import timed
+from devtools.fixtures import (
+    make_qwen25vl_7b_config_folder,
+    make_tiny_backbone_folder,
+    tiny_adapter_metadata,
+)
 from omni_attribute.backbone import load_backbone
 from omni_attribute.encoder import build_encoder
-from benchmarks.timing import timed
-from devtools.fixtures import qwen25_tokenizer_dir, make_tiny_backbone_folder, tiny_adapter_metadata
 
 ATTRIBUTES = ["object color", "object shape", "surface pattern", "background color", "lighting direction",
               "object size", "object position", "image style", "camera angle", "material", "texture",
@@ -37,12 +40,7 @@ def make_folder(size: str, root: Path) -> Path:
     folder = root / f"qwen25vl-{size}"
     if size == "small":
         return make_tiny_backbone_folder(folder, hidden_size=512, layers=4, vision_hidden=256, vision_depth=4)
-    import shutil
-    folder.mkdir(parents=True)
-    shutil.copy(Path(omni_attribute.__file__).parent / "configs" / "qwen2_5_vl_7b_instruct.json", folder / "config.json")
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(qwen25_tokenizer_dir() / name, folder / name)
-    return folder
+    return make_qwen25vl_7b_config_folder(folder)
 
 
 def build(size: str, device: str, dtype: torch.dtype, root: Path):

@@ -22,7 +22,6 @@ import json
 import statistics
 import threading
 import time
-from importlib import import_module
 
 import psutil
 import torch
@@ -30,6 +29,8 @@ import torch
 from benchmarks.ip_adapter import build, flux_benchmark_args
 from benchmarks.timing import timed
 from devtools.comfy_host import import_in_process
+from omni_attribute.injection import AttributeCondition
+from omni_attribute.ip_adapter import IPAdapter, IPAdapterConfig
 
 
 class PeakRSS:
@@ -58,17 +59,14 @@ class PeakRSS:
 
 def main() -> None:
     args = flux_benchmark_args(__doc__, text_tokens=256)
-    plugin = import_in_process(cpu=args.device == "cpu")
+    flow_blend = import_in_process(cpu=args.device == "cpu").nodes.flow_blend
     import comfy.model_management
     import comfy.samplers
-    ip_adapter = import_module(f"{plugin.__name__}.omni_attribute.ip_adapter")
-    composition = import_module(f"{plugin.__name__}.omni_attribute.composition")
-    flow_blend = import_module(f"{plugin.__name__}.nodes.flow_blend")
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     layout, model = build(args.size, args.device, dtype)
     torch.manual_seed(0)
-    ip = ip_adapter.IPAdapter(ip_adapter.IPAdapterConfig.for_layout(layout, "all", "none")).to(args.device, dtype)
+    ip = IPAdapter(IPAdapterConfig.for_layout(layout, "all", "none")).to(args.device, dtype)
     g = torch.Generator().manual_seed(1)
 
     def conditioning():
@@ -76,7 +74,7 @@ def main() -> None:
                  {"pooled_output": torch.randn(1, layout.vec_in_dim, generator=g), "guidance": 3.5}]]
 
     positive, empty = conditioning(), conditioning()
-    attributes = [composition.AttributeCondition(torch.randn(1, 16, layout.context_dim, generator=g), 0.8)
+    attributes = [AttributeCondition(torch.randn(1, 16, layout.context_dim, generator=g), 0.8)
                   for _ in range(4)]
     side = args.resolution // 8
     noise = torch.randn(1, 16, side, side, generator=g)

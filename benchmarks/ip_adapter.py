@@ -24,8 +24,11 @@ import uuid
 import torch
 
 from benchmarks.timing import timed
+from devtools.comfy_flux import build_comfy_flux, comfy_flux_forward
 from devtools.comfy_host import import_in_process
-from omni_attribute.flux_models import FluxLayout, build_comfy_flux, comfy_flux_forward
+from omni_attribute.flux_models import FluxLayout
+from omni_attribute.injection import AttributeCondition, Injection
+from omni_attribute.ip_adapter import IPAdapter, IPAdapterConfig
 
 SIZES = {
     "small": FluxLayout(hidden_size=512, num_heads=8, depth_double=4, depth_single=8, context_dim=512, vec_in_dim=64,
@@ -65,20 +68,16 @@ def flux_benchmark_args(description: str, text_tokens: int) -> argparse.Namespac
 
 def main() -> None:
     args = flux_benchmark_args(__doc__, text_tokens=512)
-    plugin = import_in_process(cpu=args.device == "cpu")
-    from importlib import import_module
-    ip_adapter = import_module(f"{plugin.__name__}.omni_attribute.ip_adapter")
-    injection_lib = import_module(f"{plugin.__name__}.omni_attribute.injection")
-    ip_patch = import_module(f"{plugin.__name__}.nodes.ip_patch")
+    apply_injection = import_in_process(cpu=args.device == "cpu").nodes.apply.apply_injection
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     layout, plain = build(args.size, args.device, dtype)
     variants = {"plain": plain}
     for name, single in (("ip-double", "none"), ("ip-double+single", "all")):
         torch.manual_seed(0)
-        ip = ip_adapter.IPAdapter(ip_adapter.IPAdapterConfig.for_layout(layout, "all", single)).to(args.device, dtype)
+        ip = IPAdapter(IPAdapterConfig.for_layout(layout, "all", single)).to(args.device, dtype)
         tokens = torch.randn(1, 16, layout.context_dim)
-        variants[name] = ip_patch.apply_injection(plain, injection_lib.Injection(ip=ip, tokens=tokens, weight=1.0))
+        variants[name] = apply_injection(plain, Injection(ip=ip, condition=AttributeCondition(tokens)))
 
     side = args.resolution // 8
     g = torch.Generator().manual_seed(1)

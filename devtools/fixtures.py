@@ -30,6 +30,15 @@ def copy_tokenizer(source: str | Path, folder: str | Path) -> None:
         shutil.copy(Path(source) / name, Path(folder) / name)
 
 
+def make_qwen25vl_7b_config_folder(folder: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """A Qwen2.5-VL-7B-Instruct folder without weights (config.json + tokenizer): full-size shapes on meta."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).parent / "qwen2_5_vl_7b_instruct.json", folder / "config.json")
+    copy_tokenizer(tokenizer_dir or qwen25_tokenizer_dir(), folder)
+    return folder
+
+
 def tiny_qwen25vl_config(hidden_size: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2,
                          rope_theta: float = 1_000_000.0, mlp_ratio: int = 2):
     from transformers import Qwen2_5_VLConfig

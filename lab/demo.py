@@ -22,12 +22,13 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from devtools.comfy_host import LAB_NODES, REPO, ComfyServer
 from omni_attribute.headless import ComfyClient, load_workflow, run_workflow, set_inputs
-from devtools.comfy_host import REPO, ComfyServer
+from omni_attribute.images import pil_to_tensor
+
 from .world.factors import caption_without, sample_assignment
 from .world.judge import load_judge
 from .world.pipeline import OMNI, render_table, run_benchmark
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "tiny-world-ci",
                         help="where the trained world is cached (reused by later runs)")
     parser.add_argument("--size", choices=["ci", "full"], default="ci",
-                        help="ci: about 15 minutes on 2 cores the first time; full: the BENCHMARKS.md run")
+                        help="ci: about 25 minutes on 2 cores the first time, then cached; full: the larger world (about 40 minutes)")
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -131,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] step 1/3: the tiny world ({args.size} size, cached in {args.work})", flush=True)
     models, report = run_benchmark(args.size, args.work, args.seed, log=lambda m: print(m, flush=True))
 
-    print("[demo] step 2/3: ComfyUI runs workflows/tiny_world_compose.api.json", flush=True)
+    print("[demo] step 2/3: ComfyUI runs lab/workflows/tiny_world_compose.api.json", flush=True)
     base = out / "comfy-base"
     install_models(models, base)
     cases = make_cases(args.cases, args.seed, out / "references")
-    with ComfyServer(base) as server:
+    with ComfyServer(base, custom_nodes=LAB_NODES) as server:
         print(f"[demo] ComfyUI at {server.url} (log: {server.log_path})", flush=True)
         run_cases(server.url, cases, out)
 

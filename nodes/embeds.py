@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from omni_attribute.embeds import load_embeds, save_embeds
+
 from . import folders
 from .sockets import Embeds
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 from comfy_api.latest import io
 
 from omni_attribute.encoder import load_encoder
 from omni_attribute.prompt import parse_attribute_text
+
 from . import folders
 from .model_management import EncoderHandle, pick_devices, pick_dtype
 from .sockets import Embeds, Encoder
@@ -26,7 +28,7 @@ class LoadOmniAttributeEncoder(io.ComfyNode):
             inputs=[
                 io.Combo.Input("backbone", options=folders.list_backbones(),
                                tooltip="HF-format Qwen2.5-VL folder in models/omni_attribute_backbones or models/LLM"),
-                io.Combo.Input("adapter", options=folder_paths_adapters(),
+                io.Combo.Input("adapter", options=folder_paths.get_filename_list(folders.ADAPTERS),
                                tooltip="Omni-Attribute adapter .safetensors in models/omni_attribute"),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto"),
                 io.Combo.Input("device", options=["default", "cpu", "gpu"], default="default",
@@ -37,20 +39,12 @@ class LoadOmniAttributeEncoder(io.ComfyNode):
 
     @classmethod
     def execute(cls, backbone: str, adapter: str, dtype: str, device: str) -> io.NodeOutput:
-        import folder_paths
-
         backbone_path = folders.resolve_backbone(backbone)
         adapter_path = folder_paths.get_full_path_or_raise(folders.ADAPTERS, adapter)
         load_device, offload_device = pick_devices(device)
         torch_dtype = pick_dtype(dtype, load_device)
         encoder = load_encoder(backbone_path, adapter_path, dtype=torch_dtype, device=offload_device)
         return io.NodeOutput(EncoderHandle.wrap(encoder, load_device, offload_device))
-
-
-def folder_paths_adapters() -> list[str]:
-    import folder_paths
-
-    return folder_paths.get_filename_list(folders.ADAPTERS)
 
 
 class OmniAttributeEncode(io.ComfyNode):

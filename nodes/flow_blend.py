@@ -19,7 +19,13 @@ from omni_attribute.flow_blend import flow_blend
 from omni_attribute.injection import AttributeCondition, Injection
 
 from . import folders
-from .apply import COND_CONDITIONS, apply_injection, check_embeds_width, load_ip, sigma_window
+from .apply import (
+    COND_CONDITIONS,
+    apply_injection,
+    check_embeds_width,
+    load_ip,
+    sigma_window,
+)
 from .sockets import Embeds, Stack
 
 CATEGORY = "Omni-Attribute"

@@ -1,9 +1,9 @@
 """Client for ComfyUI's HTTP API and websocket: queue API-format prompts, follow them, fetch outputs.
 
-Used by the tests, the demo and headless runs. Errors from the server are turned into
-exceptions whose message names the node and what ComfyUI said.
+Used for headless runs (console script ``omni-attribute-run``), by the tests and the laboratory. Errors
+from the server are turned into exceptions whose message names the node and what ComfyUI said.
 
-    python -m omni_attribute.api run WORKFLOW.api.json --server http://127.0.0.1:8188 \
+    omni-attribute-run run WORKFLOW.api.json --server http://127.0.0.1:8188 \
         --set 4.image=photos/dog.png --set "Prompt.text=a dog in the snow" --out results/
 
 ``--set NODE.INPUT=VALUE`` names a node by id or by its title; VALUE is parsed as JSON when it
@@ -242,7 +242,7 @@ def run_workflow(client: ComfyClient, prompt: dict, out_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m omni_attribute.api", description=__doc__,
+    parser = argparse.ArgumentParser(prog="omni-attribute-run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an API-format workflow on a ComfyUI server")

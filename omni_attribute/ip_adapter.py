@@ -11,7 +11,7 @@ This is the original IP-Adapter formulation (a second attention sharing the quer
 attention. It costs two small projections of the M attribute tokens and an N×M attention per
 block: no extra projection of the image stream.
 
-One :class:`IPAdapter` module serves both implementations: ComfyUI (``nodes/ip_patch.py``, through
+One :class:`IPAdapter` module serves both implementations: ComfyUI (``nodes/apply.py``, through
 ``dit`` block-replacement patches and an attention override) and diffusers (the processors below),
 so parameter names are the same on both sides: ``double_blocks.<i>.to_k.weight`` ↔ ComfyUI
 ``double_blocks[i]`` ↔ diffusers ``transformer_blocks[i]``; ``single_blocks.<i>`` ↔ ComfyUI

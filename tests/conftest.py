@@ -3,14 +3,17 @@ from the provisioned ComfyUI's data files), adapters for it, a tiny generator fo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-from devtools.fixtures import qwen25_tokenizer_dir, make_tiny_backbone_folder, make_untrained_adapter
+from devtools.fixtures import (
+    make_tiny_backbone_folder,
+    make_untrained_adapter,
+    qwen25_tokenizer_dir,
+)
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +37,9 @@ def world_generator(tmp_path_factory, tiny_backbone) -> Path:
     """A tiny-world generator folder, trained for 4 steps on 16 world images (real files, real format)."""
     from transformers import AutoTokenizer
 
-    from lab.world.generator import load_rgb_batch, train_world_generator
+    from lab.world.generator import train_world_generator
     from lab.world.pairs import make_images, read_images
+    from omni_attribute.images import load_rgb_batch
 
     base = tmp_path_factory.mktemp("world")
     rows = read_images(make_images(base / "images", 16, seed=4))
@@ -54,6 +58,23 @@ def narrow_backbone(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def narrow_adapter(narrow_backbone, tmp_path_factory) -> Path:
     return make_untrained_adapter(narrow_backbone, tmp_path_factory.mktemp("adapters") / "narrow.safetensors", seed=3)
+
+
+@pytest.fixture(scope="session")
+def comfy_in_process() -> None:
+    """The in-process ComfyUI layer (tests/comfy, tests/lab): ComfyUI 0.3.75 importable here, CPU mode."""
+    from devtools.comfy_host import add_comfyui_to_path
+
+    add_comfyui_to_path(cpu=True)
+
+
+@pytest.fixture(scope="session")
+def plugin_nodes(comfy_in_process):
+    """The plugin's ``nodes`` package, loaded the way ComfyUI loads a custom node folder
+    (``plugin_nodes.apply``, ``plugin_nodes.flow_blend``, …)."""
+    from devtools.comfy_host import import_in_process
+
+    return import_in_process("omni_attribute_plugin_under_test").nodes
 
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40)}

@@ -22,8 +22,12 @@ from safetensors.torch import load_file
 
 from devtools.comfy_flux import build_comfy_flux
 from omni_attribute.flux_models import FluxLayout, diffusers_to_comfy_flux
-from omni_attribute.train.generator import (TINY_GENERATOR_META, PixelCodec, load_tiny_text_encoder,
-                                            read_tiny_generator_meta)
+from omni_attribute.train.generator import (
+    TINY_GENERATOR_META,
+    PixelCodec,
+    load_tiny_text_encoder,
+    read_tiny_generator_meta,
+)
 
 WEB_DIRECTORY = "./web"  # node help pages: web/docs/<node id>.md
 GENERATORS = "omni_attribute_world"  # model folder key: models/omni_attribute_world/<name>/

@@ -7,20 +7,24 @@ phrasings are used, so the held-out phrasings stay unseen. Saved as an HF-format
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from omni_attribute.backbone import IMAGE_PAD, PREFIX_TEMPLATE, SYSTEM_PROMPT, load_backbone
+from devtools.fixtures import copy_tokenizer
+from omni_attribute.backbone import (
+    IMAGE_PAD,
+    PREFIX_TEMPLATE,
+    SYSTEM_PROMPT,
+    load_backbone,
+)
 from omni_attribute.connector import Connector
 from omni_attribute.encoder import AttributeEncoder
 from omni_attribute.train.config import AdapterConfig
-from devtools.fixtures import copy_tokenizer
 
-from .generator import clipped_step
 from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, factor_words
+from .generator import clipped_step
 
 TURN_END = "<|im_end|>\n<|im_start|>assistant\n"
 CAPTION_SHARE = 0.5  # the rest of the samples are attribute requests

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_attribute.prompt import format_instruction
+
 from .factors import FACTORS, HELD_OUT_PHRASINGS, Assignment
 
 

@@ -11,11 +11,22 @@ from pathlib import Path
 import torch
 
 from omni_attribute.flow_blend import flow_blend
-from omni_attribute.flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
-from omni_attribute.images import load_rgb_batch
+from omni_attribute.flux_models import (
+    FluxLayout,
+    build_diffusers_flux,
+    diffusers_flux_forward,
+)
 from omni_attribute.ip_adapter import ip_kwargs
-from omni_attribute.train.generator import PixelCodec, TinyTextEncoder, save_tiny_generator
-from omni_attribute.train.losses import flow_matching_loss, noisy_latents, sample_timesteps
+from omni_attribute.train.generator import (
+    PixelCodec,
+    TinyTextEncoder,
+    save_tiny_generator,
+)
+from omni_attribute.train.losses import (
+    flow_matching_loss,
+    noisy_latents,
+    sample_timesteps,
+)
 
 from .factors import FACTORS, Assignment, caption_without
 

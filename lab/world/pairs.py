@@ -6,7 +6,15 @@ import json
 import random
 from pathlib import Path
 
-from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, caption_without, sample_assignment, vary
+from .factors import (
+    FACTORS,
+    TRAIN_PHRASINGS,
+    Assignment,
+    caption,
+    caption_without,
+    sample_assignment,
+    vary,
+)
 from .render import render
 
 

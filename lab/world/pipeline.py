@@ -14,22 +14,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
+from devtools.fixtures import make_tiny_backbone_folder
 from omni_attribute.adapter_file import load_adapter
 from omni_attribute.encoder import load_encoder
+from omni_attribute.images import load_rgb_batch, pil_to_tensor
 from omni_attribute.ip_adapter import attach_to_diffusers, load_ip_adapter
-from devtools.fixtures import make_tiny_backbone_folder
 from omni_attribute.train.config import load_config
-from omni_attribute.train.trainer import train
-from .captioner import pretrain_captioner
-from .evaluate import (attribute_tokens, composition_scores, embed_by_factor, personalization_scores, retrieval,
-                       selectivity, selectivity_spread)
-from .factors import FACTORS, Assignment, caption_without, sample_assignment
-from omni_attribute.images import load_rgb_batch
 from omni_attribute.train.generator import load_tiny_generator
+from omni_attribute.train.trainer import train
 
+from .captioner import pretrain_captioner
+from .evaluate import (
+    attribute_tokens,
+    composition_scores,
+    embed_by_factor,
+    personalization_scores,
+    retrieval,
+    selectivity,
+    selectivity_spread,
+)
+from .factors import FACTORS, Assignment, caption_without, sample_assignment
 from .generator import sample_composed, sample_images, train_world_generator
 from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
 from .pairs import make_images, make_pairs, read_images

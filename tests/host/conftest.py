@@ -1,4 +1,5 @@
-"""A live ComfyUI 0.3.75 server with the plugin and the test node pack linked, and model files laid out.
+"""A live ComfyUI 0.3.75 server with the plugin, the laboratory's node pack and the test node pack linked, and
+model files laid out; API prompts are built with ComfyUI's own ``GraphBuilder``.
 
 Models (made on the fly, tiny but real): models/omni_attribute_backbones/{tiny-qwen25vl, no-weights},
 a tiny-world generator in models/omni_attribute_world/tiny-world,
@@ -10,16 +11,17 @@ and a foreign safetensors file.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from omni_attribute.headless import ComfyClient
-from devtools.comfy_host import ComfyServer
-from omni_attribute.flux_models import FluxLayout
+from devtools.comfy_host import LAB_NODES, ComfyServer, comfyui_root
 from devtools.fixtures import make_untrained_adapter
+from omni_attribute.flux_models import FluxLayout
+from omni_attribute.headless import ComfyClient
 
 FIXTURE_NODES = Path(__file__).resolve().parent.parent / "fixtures" / "comfy_test_nodes"
 
@@ -63,7 +65,7 @@ def comfy_base(tmp_path_factory, tiny_backbone, tiny_adapter, narrow_adapter, wo
 
 @pytest.fixture(scope="session")
 def comfy_server(comfy_base):
-    server = ComfyServer(comfy_base, custom_nodes={"omni_attribute_test_nodes": FIXTURE_NODES},
+    server = ComfyServer(comfy_base, custom_nodes={**LAB_NODES, "omni_attribute_test_nodes": FIXTURE_NODES},
                          extra_args=["--extra-model-paths-config", str(comfy_base / "extra_model_paths.yaml")])
     server.start()
     yield server
@@ -75,21 +77,36 @@ def client(comfy_server) -> ComfyClient:
     return ComfyClient(comfy_server.url, timeout=300)
 
 
-def encode_graph(image: dict, attributes: str = "object color", backbone: str = "tiny-qwen25vl",
+def graph_builder():
+    """ComfyUI's own ``GraphBuilder`` (API-format prompts), node ids "1", "2", ... in creation order.
+
+    ``comfy_execution/graph_utils.py`` imports nothing and ``comfy_execution`` has no ``__init__.py``, so this
+    loads that one module and none of the rest of ComfyUI. The root is appended, not prepended, to sys.path:
+    ComfyUI's top-level ``nodes.py`` must not shadow the plugin's ``nodes`` package."""
+    root = str(comfyui_root())
+    if root not in sys.path:
+        sys.path.append(root)
+    from comfy_execution.graph_utils import GraphBuilder
+
+    return GraphBuilder(prefix="")
+
+
+def test_image(width=64, height=64, channels=3, batch=1, seed=0, poison_nan=False) -> tuple[str, dict]:
+    """An image source node for ``encode_graph``: (class_type, inputs) of the test pack's OmniTestImage."""
+    return "OmniTestImage", dict(width=width, height=height, channels=channels, batch=batch, seed=seed,
+                                 poison_nan=poison_nan)
+
+
+def encode_graph(image: tuple[str, dict], attributes: str = "object color", backbone: str = "tiny-qwen25vl",
                  adapter: str = "tiny.safetensors", prefix: str = "test") -> dict:
-    """API-format prompt: image source node '1' → Load encoder '2' → Encode '3' → Save '4'."""
-    return {
-        "1": image,
-        "2": {"class_type": "OmniAttributeEncoderLoader",
-              "inputs": {"backbone": backbone, "adapter": adapter, "dtype": "auto", "device": "default"}},
-        "3": {"class_type": "OmniAttributeEncode", "inputs": {"encoder": ["2", 0], "image": ["1", 0], "attributes": attributes}},
-        "4": {"class_type": "OmniAttributeSaveEmbeds", "inputs": {"embeds": ["3", 0], "filename_prefix": prefix}},
-    }
-
-
-def test_image(width=64, height=64, channels=3, batch=1, seed=0, poison_nan=False) -> dict:
-    return {"class_type": "OmniTestImage", "inputs": {"width": width, "height": height, "channels": channels,
-                                                      "batch": batch, "seed": seed, "poison_nan": poison_nan}}
+    """API-format prompt: image source (class_type, inputs) → Load encoder → Encode → Save embeds."""
+    graph = graph_builder()
+    source = graph.node(image[0], **image[1])
+    encoder = graph.node("OmniAttributeEncoderLoader", backbone=backbone, adapter=adapter, dtype="auto",
+                         device="default")
+    encode = graph.node("OmniAttributeEncode", encoder=encoder.out(0), image=source.out(0), attributes=attributes)
+    graph.node("OmniAttributeSaveEmbeds", embeds=encode.out(0), filename_prefix=prefix)
+    return graph.finalize()
 
 
 def fetch_embeds(client, history: dict, tmp_path: Path):
@@ -106,6 +123,7 @@ def fetch_embeds(client, history: dict, tmp_path: Path):
 def graphs():
     """The prompt helpers above, for test modules (conftest modules are not importable by name)."""
     class Graphs:
+        builder = staticmethod(graph_builder)
         encode = staticmethod(encode_graph)
         image = staticmethod(test_image)
         fetch = staticmethod(fetch_embeds)

@@ -16,8 +16,7 @@ def test_encode_through_the_api_matches_the_library(client, graphs, tiny_backbon
     Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(png)
     name = client.upload_image(png)
     events = []
-    history = client.run(graphs.encode({"class_type": "LoadImage", "inputs": {"image": name}},
-                                       attributes="object color\nbackground, lighting"),
+    history = client.run(graphs.encode(("LoadImage", {"image": name}), attributes="object color\nbackground, lighting"),
                          on_event=lambda kind, data: events.append(kind))
     embeds, item = graphs.fetch(client, history, tmp_path)
     assert item["subfolder"] == "omni_attribute_embeds" and item["filename"].endswith(".safetensors")
@@ -31,18 +30,18 @@ def test_encode_through_the_api_matches_the_library(client, graphs, tiny_backbon
     assert torch.allclose(embeds.tokens, expected.tokens, atol=1e-5)
     assert torch.allclose(embeds.pooled, expected.pooled, atol=1e-5)
     summary = [text for out in history["outputs"].values() for text in out.get("text", [])]
-    assert summary and "object color" in summary[0]
+    assert summary == [embeds.summary()]  # the Save node shows the summary of exactly what it saved
 
 
 def test_saved_embeds_load_back_without_the_encoder(client, graphs, tmp_path):
     first, item = graphs.fetch(client, client.run(graphs.encode(graphs.image(seed=3), prefix="reuse")), tmp_path)
-    prompt = {
-        "1": {"class_type": "OmniAttributeLoadEmbeds", "inputs": {"embeds_file": item["filename"]}},
-        "2": {"class_type": "OmniAttributeSaveEmbeds", "inputs": {"embeds": ["1", 0], "filename_prefix": "copy"}},
-    }
-    second, item2 = graphs.fetch(client, client.run(prompt), tmp_path)
+    graph = graphs.builder()
+    loaded = graph.node("OmniAttributeLoadEmbeds", embeds_file=item["filename"])
+    graph.node("OmniAttributeSaveEmbeds", embeds=loaded.out(0), filename_prefix="copy")
+    second, item2 = graphs.fetch(client, client.run(graph.finalize()), tmp_path)
     assert item2["filename"] != item["filename"]
-    assert torch.equal(first.tokens, second.tokens) and first.attributes == second.attributes
+    assert torch.equal(first.tokens, second.tokens) and torch.equal(first.pooled, second.pooled)
+    assert first.attributes == second.attributes and first.image_index == second.image_index
 
 
 def test_counter_advances_instead_of_overwriting(client, graphs, tmp_path):

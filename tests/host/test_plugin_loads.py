@@ -1,8 +1,18 @@
-"""The plugin as ComfyUI sees it: /object_info and the start-up log."""
+"""The plugin as ComfyUI sees it: /object_info and the start-up log.
+
+The test server links three node packs: the plugin, the laboratory's (the tiny world) and the tests' fixtures.
+/object_info's ``python_module`` ("custom_nodes.<link name>") tells which pack registered each node."""
 
 import pytest
 
+from devtools.comfy_host import LAB_NODES, PLUGIN_LINK_NAME
+
 pytestmark = pytest.mark.host
+
+PLUGIN_MODULE = f"custom_nodes.{PLUGIN_LINK_NAME}"
+(LAB_MODULE,) = (f"custom_nodes.{name}" for name in LAB_NODES)
+FIXTURE_MODULE = "custom_nodes.omni_attribute_test_nodes"
+FIXTURES = {"OmniTestImage", "OmniTestTinyModel", "OmniTestConditioning", "OmniTestLatentToImage"}
 
 EXPECTED = {
     "OmniAttributeEncoderLoader": ({"backbone", "adapter", "dtype", "device"}, ["OMNI_ATTRIBUTE_ENCODER"]),
@@ -23,6 +33,20 @@ WORLD = {
 }
 
 
+def nodes_of(info: dict, module: str) -> set[str]:
+    return {name for name, node in info.items() if node["python_module"] == module}
+
+
+def test_the_plugin_registers_exactly_its_nodes_and_no_laboratory_node(client):
+    info = client.object_info()
+    assert nodes_of(info, PLUGIN_MODULE) == set(EXPECTED)
+    assert nodes_of(info, LAB_MODULE) == set(WORLD)
+    assert nodes_of(info, FIXTURE_MODULE) == FIXTURES
+    # no other custom node pack is loaded, and everything else is ComfyUI's own
+    assert {node["python_module"] for node in info.values() if node["python_module"].startswith("custom_nodes.")} \
+        == {PLUGIN_MODULE, LAB_MODULE, FIXTURE_MODULE}
+
+
 def test_object_info_lists_every_node_with_its_sockets(client):
     info = client.object_info()
     ours = {name for name, node in info.items() if node.get("category") == "Omni-Attribute"}
@@ -40,13 +64,16 @@ def test_object_info_lists_every_node_with_its_sockets(client):
     assert set(info["OmniAttributeStack"]["input"]["optional"]) == {"stack"}
 
 
-def test_model_folders_are_listed_and_user_paths_kept(client):
+def test_model_folders_are_listed_and_user_paths_kept(client, comfy_base):
     loader = client.object_info()["OmniAttributeEncoderLoader"]["input"]["required"]
-    backbones = loader["backbone"][1]["options"]
-    assert {"tiny-qwen25vl", "no-weights", "qwen/user-qwen"} <= set(backbones) or \
-           {"tiny-qwen25vl", "no-weights", "user-qwen"} <= set(backbones)
-    assert set(loader["adapter"][1]["options"]) >= {"tiny.safetensors", "hidden32.safetensors",
-                                                    "truncated.safetensors", "other_pack_ip_adapter.safetensors"}
+    # the two folders in models/omni_attribute_backbones and, from the user's extra_model_paths.yaml root
+    # <base_path>/qwen, its folder user-qwen (names are relative to the root they are found in)
+    assert loader["backbone"][1]["options"] == ["no-weights", "tiny-qwen25vl", "user-qwen"]
+    # every adapter file in models/omni_attribute, whatever other tests have added there, and nothing else
+    on_disk = sorted(p.name for p in (comfy_base / "models" / "omni_attribute").glob("*.safetensors"))
+    assert {"tiny.safetensors", "hidden32.safetensors", "truncated.safetensors",
+            "other_pack_ip_adapter.safetensors"} <= set(on_disk)
+    assert loader["adapter"][1]["options"] == on_disk
 
 
 def test_log_shows_the_plugin_imported_cleanly(comfy_server):

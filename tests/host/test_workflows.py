@@ -1,5 +1,6 @@
-"""Shipped workflows: valid on the live server, UI and API twins agree, and each runs end to end through the
-headless client (python -m omni_attribute.headless) with the FLUX loaders swapped for the tiny test fixtures."""
+"""Shipped workflows (workflows/) and the laboratory's (lab/workflows/): valid on the live server, UI and API
+twins agree, and each runs end to end through the headless client (python -m omni_attribute.headless) with the
+FLUX loaders swapped for the tiny test fixtures."""
 
 import copy
 import json
@@ -15,22 +16,32 @@ from omni_attribute.workflow import check_against_object_info, ui_to_api
 
 pytestmark = pytest.mark.host
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-NAMES = sorted(p.name[:-len(".api.json")] for p in WORKFLOWS.glob("*.api.json"))
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / "workflows"              # shipped with the plugin
+LAB_WORKFLOWS = REPO / "lab" / "workflows"  # the laboratory's (they need its node pack)
+SHIPPED = ["compose_attributes", "encode_attributes", "personalize_attribute"]
+LAB = ["tiny_world_compose"]
+CASES = [(WORKFLOWS, name) for name in SHIPPED] + [(LAB_WORKFLOWS, name) for name in LAB]
+IDS = [f"{folder.relative_to(REPO)}/{name}" for folder, name in CASES]
+
+
+def names(folder: Path, suffix: str) -> list[str]:
+    return sorted(p.name[:-len(suffix)] for p in folder.glob(f"*{suffix}"))
 
 
 def test_every_workflow_has_both_formats():
-    assert {"encode_attributes", "personalize_attribute", "compose_attributes", "tiny_world_compose"} <= set(NAMES)
-    for name in NAMES:
-        assert (WORKFLOWS / f"{name}.json").is_file(), f"{name} has no UI-format twin"
+    for folder, expected in ((WORKFLOWS, SHIPPED), (LAB_WORKFLOWS, LAB)):
+        assert names(folder, ".api.json") == expected, folder
+        # every other *.json is a UI twin, one per API file
+        assert [n for n in names(folder, ".json") if not n.endswith(".api")] == expected, folder
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_workflow_is_valid_and_twins_agree(client, name):
+@pytest.mark.parametrize("folder, name", CASES, ids=IDS)
+def test_workflow_is_valid_and_twins_agree(client, folder, name):
     info = client.object_info()
-    api = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    api = json.loads((folder / f"{name}.api.json").read_text())
     assert check_against_object_info(api, info) == []
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    ui = json.loads((folder / f"{name}.json").read_text())
     assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert any(node["type"] == "Note" for node in ui["nodes"]), "the UI workflow should tell the artist what to load"
 
@@ -80,9 +91,9 @@ def reference_images(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_workflow_runs_headlessly(comfy_server, name, reference_images, tmp_path):
-    prompt = tiny_version(json.loads((WORKFLOWS / f"{name}.api.json").read_text()))
+@pytest.mark.parametrize("folder, name", CASES, ids=IDS)
+def test_workflow_runs_headlessly(comfy_server, folder, name, reference_images, tmp_path):
+    prompt = tiny_version(json.loads((folder / f"{name}.api.json").read_text()))
     workflow = tmp_path / f"{name}.tiny.api.json"
     workflow.write_text(json.dumps(prompt))
     loaders = [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]
@@ -97,9 +108,16 @@ def test_workflow_runs_headlessly(comfy_server, name, reference_images, tmp_path
     if name == "encode_attributes":
         assert saved[0].suffix == ".safetensors"
     else:
-        image = np.asarray(Image.open(saved[0]))
-        side = 128 if name.startswith("tiny_world") else 64  # 32-pixel world images shown ×4
-        assert image.shape == (side, side, 3) and image.std() > 0
+        image = np.asarray(Image.open(saved[0]), dtype=np.int16)
+        # the tiny FLUX's stand-in VAE draws each latent cell as an 8×8 block (8×8 latent → 64 px); the world's
+        # decoder draws its 32-pixel images ×4 (→ 128 px)
+        side, block = (128, 4) if folder == LAB_WORKFLOWS else (64, 8)
+        assert image.shape == (side, side, 3)
+        cells = image[::block, ::block]
+        assert np.array_equal(np.repeat(np.repeat(cells, block, 0), block, 1), image), "not the decoder's blocks"
+        # a sampled picture, not a flat or nearly flat field: its cells spread over more than an eighth of the
+        # 8-bit range (measured: 104–105 for the tiny FLUX, 96 for the tiny world)
+        assert cells.std() > 32, cells.std()
 
 
 def test_cli_reports_errors_readably(comfy_server, reference_images, tmp_path):

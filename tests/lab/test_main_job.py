@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytestmark = [pytest.mark.host, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.host, pytest.mark.lab_run, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 # the smallest selectivity gap asserted: below the gaps measured at two training seeds (0.023 at the least;

@@ -5,7 +5,8 @@ from omni_attribute.connector import Connector, ConnectorConfig
 
 def test_shapes_pooling_and_padding_invariance():
     torch.manual_seed(0)
-    connector = Connector(ConnectorConfig(in_dim=24, out_dim=40, num_tokens=5, width=16, num_layers=2, num_heads=2)).eval()
+    connector = Connector(ConnectorConfig(in_dim=24, out_dim=40, num_tokens=5, width=16, num_layers=2, num_heads=2,
+                                          image_positions=False)).eval()
     hidden = torch.randn(2, 7, 24)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)
     tokens, pooled = connector(hidden, mask)
@@ -31,9 +32,10 @@ def test_image_positions_make_the_connector_see_where_image_tokens_sit():
 
     torch.manual_seed(0)
     config = ConnectorConfig(in_dim=24, out_dim=8, num_tokens=2, width=16, num_layers=1, num_heads=2)
-    blind = Connector(config).eval()
-    placed = Connector(ConnectorConfig(**{**config.to_dict(), "image_positions": True})).eval()
-    placed.load_state_dict(blind.state_dict(), strict=False)  # same weights apart from the place map
+    assert config.image_positions  # on by default, as the trainer writes new adapters
+    placed = Connector(config).eval()
+    blind = Connector(ConnectorConfig(**{**config.to_dict(), "image_positions": False})).eval()
+    blind.load_state_dict(placed.state_dict(), strict=False)  # same weights apart from the place map
     image, instruction = torch.randn(1, 6, 24), torch.randn(1, 3, 24)
     swapped = image[:, [1, 0, 2, 3, 4, 5]]  # two image tokens trade places
     run = lambda net, img: net(torch.cat([img, instruction], dim=1), image_grid=(2, 3))[1]  # noqa: E731
@@ -46,5 +48,8 @@ def test_image_positions_make_the_connector_see_where_image_tokens_sit():
     assert torch.allclose(grid_features(1, 1)[0], grid_features(3, 3)[4], atol=1e-6)
     with pytest.raises(ValueError, match="pass image_grid"):
         placed(image)
+    # adapters written before the field existed load without positions
+    legacy = {k: v for k, v in config.to_dict().items() if k != "image_positions"}
+    assert ConnectorConfig.from_dict(legacy).image_positions is False
     with pytest.raises(ValueError, match="needs read_image"):
         Connector(ConnectorConfig(in_dim=24, image_positions=True, read_image=False))

@@ -47,10 +47,12 @@ def test_connector_reads_the_image_states_unless_told_not_to(encoder):
     try:
         with torch.no_grad():
             encoder.encode_image(image, ["Exclusively describe object color:"])
-            object.__setattr__(encoder.connector.config, "read_image", False)
+            for field in ("read_image", "image_positions"):
+                object.__setattr__(encoder.connector.config, field, False)
             encoder.encode_image(image, ["Exclusively describe object color:"])
     finally:
-        object.__setattr__(encoder.connector.config, "read_image", True)
+        for field in ("read_image", "image_positions"):
+            object.__setattr__(encoder.connector.config, field, True)
         hook.remove()
     assert seen[0] == seen[1] + n
 

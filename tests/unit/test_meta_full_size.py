@@ -1,24 +1,15 @@
 """Full-size shapes on the meta device: Qwen2.5-VL-7B-Instruct's real configuration (no weights needed)."""
 
-import shutil
-from pathlib import Path
-
 import torch
 
-import omni_attribute
+from devtools.fixtures import make_qwen25vl_7b_config_folder
 from omni_attribute.backbone import load_backbone
-from omni_attribute.connector import Connector, ConnectorConfig
+from omni_attribute.connector import POSITION_FREQUENCIES, Connector, ConnectorConfig
 from omni_attribute.lora import DEFAULT_LORA, DEFAULT_TARGETS, apply_lora, count_lora_targets
-
-CONFIG = Path(omni_attribute.__file__).parent / "configs" / "qwen2_5_vl_7b_instruct.json"
 
 
 def test_qwen25vl_7b_lora_and_connector_on_meta(tmp_path, tokenizer_dir):
-    folder = tmp_path / "Qwen2.5-VL-7B-Instruct"
-    folder.mkdir()
-    shutil.copy(CONFIG, folder / "config.json")
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(Path(tokenizer_dir) / name, folder / name)
+    folder = make_qwen25vl_7b_config_folder(tmp_path / "Qwen2.5-VL-7B-Instruct", tokenizer_dir)
     backbone = load_backbone(folder, meta=True)
     model = backbone.model
     assert backbone.info() == {"family": "qwen2_5_vl", "hidden_size": 3584, "num_hidden_layers": 28,
@@ -39,9 +30,10 @@ def test_qwen25vl_7b_lora_and_connector_on_meta(tmp_path, tokenizer_dir):
 
     with torch.device("meta"):
         connector = Connector(ConnectorConfig(in_dim=3584))
-        tokens, pooled = connector(torch.empty(2, 30, 3584), torch.ones(2, 30, dtype=torch.bool))
+        tokens, pooled = connector(torch.empty(2, 30, 3584), torch.ones(2, 30, dtype=torch.bool), image_grid=(4, 5))
     assert tokens.shape == (2, 16, 4096) and pooled.shape == (2, 4096)
     w, ffn = 1024, 4096
     layer = (3 * w * w + 3 * w) + (w * w + w) + (w * ffn + ffn) + (ffn * w + w) + 4 * w
-    expected = (3584 * w + w) + 16 * w + 8 * layer + 2 * w + (w * 4096 + 4096)
+    place_map = 4 * POSITION_FREQUENCIES * w  # the image tokens' 2D place features (image_positions, on by default)
+    expected = (3584 * w + w) + 16 * w + 8 * layer + 2 * w + (w * 4096 + 4096) + place_map
     assert sum(p.numel() for p in connector.parameters()) == expected

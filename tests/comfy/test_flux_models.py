@@ -7,14 +7,16 @@ import dataclasses
 import pytest
 import torch
 
-from omni_attribute.flux_models import (
-    FluxLayout,
+from devtools.comfy_flux import (
     build_comfy_flux,
-    build_diffusers_flux,
     comfy_flux_forward,
     comfy_flux_state_dict,
-    comfy_to_diffusers_flux,
     comfy_unet_config,
+)
+from omni_attribute.flux_models import (
+    FluxLayout,
+    build_diffusers_flux,
+    comfy_to_diffusers_flux,
     count_parameters,
     diffusers_flux_forward,
     diffusers_to_comfy_flux,

@@ -8,18 +8,26 @@ import uuid
 import pytest
 import torch
 
-from omni_attribute.flux_models import (FluxLayout, build_comfy_flux, build_diffusers_flux, comfy_flux_forward,
-                                        comfy_flux_state_dict, comfy_to_diffusers_flux, diffusers_flux_forward)
+from devtools.comfy_flux import (
+    build_comfy_flux,
+    comfy_flux_forward,
+    comfy_flux_state_dict,
+)
+from omni_attribute import errors, injection, ip_adapter
+from omni_attribute.flux_models import (
+    FluxLayout,
+    build_diffusers_flux,
+    comfy_to_diffusers_flux,
+    diffusers_flux_forward,
+)
 
 
 @pytest.fixture(scope="module")
-def lib(plugin_module):
-    """The plugin's copy of the modules under test."""
+def lib(plugin_nodes):
+    """The modules under test: the library and the plugin's ComfyUI patch (nodes/apply.py)."""
     class Lib:
-        ip_adapter = plugin_module("omni_attribute.ip_adapter")
-        injection = plugin_module("omni_attribute.injection")
-        errors = plugin_module("omni_attribute.errors")
-        ip_patch = plugin_module("nodes.ip_patch")
+        pass
+    Lib.ip_adapter, Lib.injection, Lib.errors, Lib.apply = ip_adapter, injection, errors, plugin_nodes.apply
     return Lib
 
 
@@ -76,8 +84,11 @@ def twin_run(twin, x, kwargs=None):
                                       joint_attention_kwargs=kwargs)
 
 
-def apply(lib, patcher, ip, tokens, **settings):
-    return lib.ip_patch.apply_injection(patcher, lib.injection.Injection(ip=ip, tokens=tokens, **settings))
+def apply(lib, patcher, ip, tokens, weight=1.0, sigma_start=float("inf"), sigma_end=0.0, **settings):
+    condition = lib.injection.AttributeCondition(tokens, weight) if tokens is not None else None
+    window = lib.injection.SigmaWindow(sigma_start, sigma_end)
+    return lib.apply.apply_injection(patcher, lib.injection.Injection(ip=ip, condition=condition, window=window,
+                                                                      **settings))
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +135,16 @@ def test_each_condition_gets_its_own_tokens(lib, models, ip, inputs, twin_with_i
 
 
 def test_per_condition_tokens_by_uuid(lib, models, ip, inputs, twin_with_ip):
-    """A guider puts {uuid: tokens} in transformer_options: row 0 gets tokens A, row 1 tokens B."""
+    """A guider puts {uuid: [conditions]} in transformer_options: row 0 gets tokens A, row 1 tokens B."""
     patcher, _ = models
     a, b = inputs["tokens"], torch.randn(1, 4, 64)
-    model = apply(lib, patcher, ip, None, weight=0.7)
+    model = apply(lib, patcher, ip, None)
     options = dict(model.model_options["transformer_options"])
     ids = [uuid.uuid4(), uuid.uuid4()]
+    per_condition = {ids[0]: [lib.injection.AttributeCondition(a, 0.7)],
+                     ids[1]: [lib.injection.AttributeCondition(b, 0.7)]}
     options.update(wrappers=model.wrappers, cond_or_uncond=[0, 1], uuids=ids, sigmas=inputs["sigma"],
-                   **{lib.injection.COND_TOKENS: {ids[0]: lib.injection.CondTokens(a), ids[1]: lib.injection.CondTokens(b)}})
+                   **{lib.apply.COND_CONDITIONS: per_condition})
     with torch.no_grad():
         out = comfy_flux_forward(model.model, inputs["latent"], inputs["sigma"], inputs["context"], inputs["y"],
                                  inputs["guidance"], transformer_options=options)
@@ -187,7 +200,7 @@ def test_layout_and_family_errors(lib, models, layout, comfy_in_process):
     other = comfy.model_patcher.ModelPatcher(sd3.get_model({}, "", device=torch.device("meta")),
                                              load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     with pytest.raises(ValueError, match="supports FLUX.1 models.*OpenAISignatureMMDITWrapper"):
-        lib.ip_patch.flux_diffusion_model(other)
+        lib.apply.flux_diffusion_model(other)
 
 
 def test_flux_dev_layout_on_meta(lib, comfy_in_process):

@@ -8,14 +8,23 @@ import random
 import pytest
 import torch
 
-from omni_attribute.train.data import parse_record
 from lab.world.evaluate import retrieval, selectivity, selectivity_spread
-from lab.world.factors import (FACTORS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, Assignment, caption,
-                                          caption_without, sample_assignment, vary)
-from lab.world.generator import load_rgb_batch, training_caption
+from lab.world.factors import (
+    FACTORS,
+    HELD_OUT_PHRASINGS,
+    TRAIN_PHRASINGS,
+    Assignment,
+    caption,
+    caption_without,
+    sample_assignment,
+    vary,
+)
+from lab.world.generator import training_caption
 from lab.world.judge import accuracy, train_judge
 from lab.world.pairs import make_images, make_pairs, read_images
 from lab.world.render import render
+from omni_attribute.images import load_rgb_batch
+from omni_attribute.train.data import parse_record
 
 
 def test_assignments_and_captions():
@@ -96,9 +105,10 @@ def test_retrieval_metric_on_known_embeddings():
 
 
 def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministically(world_generator, tiny_backbone):
-    from lab.world.generator import load_world_generator, sample_images
+    from lab.world.generator import sample_images
+    from omni_attribute.train.generator import load_tiny_generator
 
-    transformer, text, layout = load_world_generator(world_generator)  # tokenizer/ saved beside the weights
+    transformer, text, layout = load_tiny_generator(world_generator)  # tokenizer/ saved beside the weights
     captions = ["a small plain red circle on a gray background, lit from above", ""]
     out = sample_images(transformer, text, layout, captions, steps=2)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
@@ -106,11 +116,13 @@ def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministi
 
 
 def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_generator, comfy_in_process):
-    from omni_attribute.flux_models import comfy_flux_forward, diffusers_flux_forward
-    from lab.world.generator import load_world_for_comfy, load_world_generator
+    from devtools.comfy_flux import comfy_flux_forward
+    from lab.comfy_nodes import load_for_comfy
+    from omni_attribute.flux_models import diffusers_flux_forward
+    from omni_attribute.train.generator import load_tiny_generator
 
-    transformer, text, layout = load_world_generator(world_generator)
-    comfy_model, comfy_text, _ = load_world_for_comfy(world_generator)
+    transformer, text, layout = load_tiny_generator(world_generator)
+    comfy_model, comfy_text = load_for_comfy(world_generator)
     assert comfy_model.model_sampling.shift == 1.0  # the linear schedule the world's sampler uses
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(2, 16, 16, 16, generator=gen)
@@ -125,13 +137,13 @@ def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_g
 
 
 def test_captioner_stage_trains_and_reloads(tmp_path, tiny_backbone):
+    from lab.world.captioner import pretrain_captioner
     from omni_attribute.backbone import load_backbone
-    from lab.world.backbone import pretrain_captioner
 
     rows = read_images(make_images(tmp_path / "img", 8, seed=4))
     losses = []
     pretrained = pretrain_captioner(tiny_backbone, tmp_path / "bb", load_rgb_batch([p for p, _, _ in rows]),
                                     [a for _, a, _ in rows], steps=2, batch_size=2,
                                     progress=lambda s, n, loss: losses.append(loss))
-    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    assert len(losses) == 2 and all(abs(loss - 11.93) < 1.0 for loss in losses), losses  # untrained: ≈ ln(151936 tokens)
     assert load_backbone(pretrained).info()["hidden_size"] == 64
