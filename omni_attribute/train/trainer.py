@@ -4,6 +4,11 @@ Everything random in a step (reference/target choice, a+/a−, caption and token
 noise) is drawn from generators seeded by (seed, micro-step, rank), and the data order is a
 permutation seeded by (seed, epoch): a run restored from a checkpoint (weights, optimizer,
 scheduler, micro-step) continues exactly as the uninterrupted run would have.
+
+Under accelerate (DDP, FSDP) a checkpoint holds the FULL training state, gathered from every rank: the
+trainable parameters and the optimizer state unsharded and keyed by parameter name (what DDP replicates
+and FSDP shards), the scheduler and the step counters, which all ranks keep identical. Only the main
+process writes; the others wait at a barrier until the checkpoint folder is complete.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 from ..adapter_file import check_backbone, config_hash, load_adapter, read_adapter_metadata, save_adapter
 from ..backbone import load_backbone, read_folder_config
 from ..encoder import AttributeEncoder, backbone_info_from_config, build_encoder
-from ..lora import load_lora_state_dict
+from ..lora import ADAPTER_NAME, load_lora_state_dict
 from ..prompt import format_instruction
 from .config import TrainConfig
 from .data import (PairDataset, PairSample, StreamingPairs, check_images_exist, choose_attribute_sets,
@@ -153,12 +158,45 @@ def build_model(config: TrainConfig, backbone_info: dict) -> OmniAttributeModel:
     return model
 
 
-def export_adapter(model: OmniAttributeModel, path: Path, extra: dict) -> None:
+def clean_name(name: str) -> str:
+    """A parameter's name without the wrapper modules FSDP / activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters of the (unwrapped) model, as they appear in checkpoints."""
+    return [clean_name(name) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def export_adapter(model: OmniAttributeModel, path: Path, extra: dict,
+                   tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter file. ``tensors``: the full trainable state by parameter name (see gather_training_state);
+    under FSDP the model's own parameters are only this rank's shards, so the values come from there."""
     encoder, generator = model.encoder, model.generator
     metadata = encoder.metadata
     metadata.generator = generator.metadata()
     metadata.training = {**metadata.training, **extra}
-    save_adapter(path, metadata, {**encoder.adapter_sections(), "ip_adapter": dict(generator.ip.state_dict())})
+    if tensors is None:
+        sections = {**encoder.adapter_sections(), "ip_adapter": dict(generator.ip.state_dict())}
+    else:
+        sections = {"lora": {}, "connector": {}, "ip_adapter": {}}
+        used = set()
+        for section, prefix, module in (("lora", "encoder.mllm.", encoder.mllm),
+                                        ("connector", "encoder.connector.", encoder.connector),
+                                        ("ip_adapter", "generator.ip.", generator.ip)):
+            # named_parameters, not state_dict: under FSDP a state_dict call is a collective and this runs on one rank
+            for name, value in [*module.named_parameters(), *module.named_buffers()]:
+                name = clean_name(name)
+                if section == "lora" and ".lora_" not in name:
+                    continue
+                key = name.replace(f".{ADAPTER_NAME}.", ".") if section == "lora" else name
+                fqn = prefix + name
+                if fqn in tensors:
+                    used.add(fqn)
+                sections[section][key] = tensors.get(fqn, value.detach())
+        if used != set(tensors):
+            raise ValueError(f"trainable tensors outside the adapter's sections: {sorted(set(tensors) - used)[:5]}")
+    save_adapter(path, metadata, sections)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -175,17 +213,57 @@ def latest_checkpoint(config: TrainConfig) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
-def save_checkpoint(config: TrainConfig, model: OmniAttributeModel, optimizer, scheduler, state: dict) -> Path:
-    """Atomic: written into a temporary folder, renamed, then the 'latest' pointer is replaced."""
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _uses_fsdp1(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return bool(FullyShardedDataParallel.fsdp_modules(model))
+
+
+def gather_training_state(model: nn.Module, optimizer=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Collective: every rank must call it. Returns the full (unsharded) fp32 trainable parameters by name and,
+    if ``optimizer`` is given, the full optimizer state keyed by parameter name, on the CPU of the main process
+    (other ranks get an empty parameter dict under FSDP). Works on a plain module, DDP and FSDP (1 and 2) alike.
+    On a CPU-only run the tensors may share memory with the live ones: write them out before the next step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    fsdp1 = _uses_fsdp1(model)
+    # ignore_frozen_params keeps DDP from copying the frozen backbone to the CPU; FSDP1 gathers every unit
+    # anyway (and that option breaks on its non-zero ranks), so there the frozen tensors are dropped after.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not fsdp1)
+    names = set(trainable_names(_unwrap(model)))
+    full = get_model_state_dict(model, options=options)
+    params = {name: tensor.detach().cpu().contiguous() for name, tensor in full.items() if name in names}
+    del full
+    if optimizer is None:
+        return params, {}
+    if fsdp1 and next(model.parameters()).device.type == "cpu":
+        # torch's FSDP1 "offload to CPU" of a CPU tensor keeps a view of a buffer it reuses for the next state
+        # (exp_avg would come back equal to exp_avg_sq); without offload it clones (on every rank; CPU memory only)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return params, get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=options)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def write_checkpoint(config: TrainConfig, params: dict, optim_state: dict, scheduler_state: dict, state: dict) -> Path:
+    """Main process only. Atomic: written into a temporary folder, renamed, then the 'latest' pointer is replaced."""
     root = checkpoint_root(config)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['global_step']:07d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    save_file(params, str(tmp / "trainable.safetensors"))
+    torch.save(optim_state, tmp / "optimizer.pt")
+    torch.save(scheduler_state, tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
@@ -199,16 +277,36 @@ def save_checkpoint(config: TrainConfig, model: OmniAttributeModel, optimizer, s
     return final
 
 
-def restore_checkpoint(folder: Path, model: OmniAttributeModel, optimizer, scheduler) -> dict:
+def save_checkpoint(config: TrainConfig, accelerator, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+    """Collective: gathers the full state from every rank, the main process writes it, and every rank waits
+    until the folder is complete (so no rank goes on, or reads, before the checkpoint exists)."""
+    params, optim_state = gather_training_state(model, optimizer)
+    final = checkpoint_root(config) / f"step-{state['global_step']:07d}"
+    if accelerator.is_main_process:
+        final = write_checkpoint(config, params, optim_state, scheduler.state_dict(),
+                                 {**state, "world_size": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def restore_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Every rank loads the full state from ``folder`` into its (possibly wrapped and sharded) model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     tensors = load_file(str(folder / "trainable.safetensors"))
-    params = model.trainable_state()
-    if set(tensors) != set(params):
+    if set(tensors) != set(trainable_names(_unwrap(model))):
         raise ValueError(f"checkpoint {folder} does not match this configuration's trainable parameters; "
                          "use another output_dir or the config the run was started with")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    options = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: the frozen weights are not in it
+    set_model_state_dict(model, tensors, options=options)
+    optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
+    if all(isinstance(i, int) for group in optim_state.get("param_groups", []) for i in group["params"]):
+        if _uses_fsdp1(model):
+            raise ValueError(f"checkpoint {folder} holds an optimizer state by position (older format); "
+                             "it can be resumed without FSDP only")
+        _inner_optimizer(optimizer).load_state_dict(optim_state)  # older checkpoints: state by parameter position
+    else:
+        set_optimizer_state_dict(model, _inner_optimizer(optimizer), optim_state, options=options)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return json.loads((folder / "state.json").read_text())
 
@@ -256,6 +354,7 @@ def validate(model: OmniAttributeModel, records: list, config: TrainConfig, limi
 def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     """Run (or continue) training; returns the path of the adapter file written at the end."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType, broadcast_object_list
     from tqdm.auto import tqdm
 
     records, backbone_info = preflight(config)
@@ -266,7 +365,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
                               project_dir=config.output_dir)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    if accelerator.is_main_process:
+        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     model = build_model(config, backbone_info).to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ip_params = {id(p) for p in model.generator.ip.parameters()}
@@ -276,15 +376,25 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
                                   weight_decay=config.optim.weight_decay)
     warmup = max(1, config.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    # Every rank keeps the same state (counters are summed over ranks each micro-step), so one copy is the whole of it.
     state = {"global_step": 0, "micro_index": 0, "consumed": 0, "skipped_samples": 0, "skipped_batches": 0}
-    found = latest_checkpoint(config) if resume else None
-    if found:
-        state = restore_checkpoint(found, model, optimizer, scheduler)
-        log.info("resumed from %s at step %d", found, state["global_step"])
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    found = latest_checkpoint(config) if resume else None
+    if world > 1:  # the main process decides which checkpoint every rank restores
+        found = broadcast_object_list([str(found) if found else None])[0]
+        found = Path(found) if found else None
+    if found:  # restored after prepare: under FSDP the full state is loaded into each rank's shards
+        state = restore_checkpoint(found, wrapped, optimizer, scheduler)
+        saved_world = state.pop("world_size", world)
+        if saved_world != world:
+            log.warning("checkpoint %s was written by %d processes and this run has %d: training goes on, but the "
+                        "data order and the schedule differ from an uninterrupted %d-process run", found, saved_world,
+                        world, saved_world)
+        log.info("resumed from %s at step %d", found, state["global_step"])
     if config.runtime.tensorboard:
         accelerator.init_trackers("omni-attribute")
-    rank, world = accelerator.process_index, accelerator.num_processes
+    clip_params = wrapped.parameters if accelerator.distributed_type == DistributedType.FSDP else lambda: trainable
     if config.data.streaming:  # records come from the stream; the dataset only decodes them
         stream = StreamingPairs(shard_files(config.data.pairs), rank, world, config.seed, config.data.shuffle_buffer)
         pending = stream.records(state.get("consumed", 0))
@@ -305,17 +415,20 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         else:
             indices = batch_indices(len(records), config.optim.batch_size, world, rank, state["micro_index"], config.seed)
             batch = collate([dataset[i] for i in indices])
-        state["skipped_samples"] += dataset.skips.skipped - before
+        skipped, empty = dataset.skips.skipped - before, int(not batch)
+        if world > 1:  # all ranks take the same branch below (one rank skipping alone would hang DDP/FSDP)
+            skipped, empty = accelerator.reduce(torch.tensor([skipped, empty], device=accelerator.device), "sum").tolist()
+        state["skipped_samples"] += skipped
         step_seed = (config.seed * 1_000_003 + state["micro_index"]) * 97 + rank
         state["micro_index"] += 1
-        if not batch:
+        if empty:
             state["skipped_batches"] += 1
             continue
         with accelerator.accumulate(wrapped):
             out = wrapped(batch, step_seed)
             accelerator.backward(out["loss"])
             if accelerator.sync_gradients and config.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(trainable, config.optim.grad_clip)
+                accelerator.clip_grad_norm_(clip_params(), config.optim.grad_clip)  # FSDP: its own (global) norm
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -327,8 +440,12 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         bar.update(1)
         bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
         if step % config.runtime.log_every == 0 or step == config.optim.max_steps:
-            entry = {"step": step, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                     "lr": scheduler.get_last_lr()[0], "skipped_samples": state["skipped_samples"],
+            means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            if world > 1:  # averaged over the ranks
+                values = accelerator.reduce(torch.tensor(list(means.values()), dtype=torch.float64, device=accelerator.device),
+                                            "mean")
+                means = dict(zip(means, values.tolist()))
+            entry = {"step": step, **means, "lr": scheduler.get_last_lr()[0], "skipped_samples": state["skipped_samples"],
                      "seconds": round(time.time() - started, 2)}
             window.clear()
             if config.runtime.validate_every and step % config.runtime.validate_every == 0 and validation:
@@ -338,20 +455,20 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
                     handle.write(json.dumps(entry) + "\n")
             accelerator.log(entry, step=step)
         if step % config.runtime.checkpoint_every == 0 or step == config.optim.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(config, accelerator.unwrap_model(wrapped), optimizer, scheduler, state)
+            save_checkpoint(config, accelerator, wrapped, optimizer, scheduler, state)
         if config.runtime.crash_after_step and step == config.runtime.crash_after_step:
             os.kill(os.getpid(), signal.SIGKILL)  # testing: die like a preempted job, without any cleanup
     bar.close()
     final = accelerator.unwrap_model(wrapped)
-    summary = {"steps": state["global_step"], "skipped_samples": state["skipped_samples"]}
+    summary = {"steps": state["global_step"], "skipped_samples": state["skipped_samples"], "world_size": world}
     if validation:
         summary.update(validate(final, validation, config))
     adapter_path = output / "adapter.safetensors"
+    tensors, _ = gather_training_state(wrapped)  # collective; the full tensors land on the main process
     if accelerator.is_main_process:
-        export_adapter(final, adapter_path, summary)
+        export_adapter(final, adapter_path, summary, tensors)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
     if state["skipped_samples"]:
         log.warning("%d samples were skipped (unreadable images): %s", state["skipped_samples"], dataset.skips.reasons)
     accelerator.end_training()
