@@ -3,4 +3,4 @@
 The library is importable without ComfyUI; ComfyUI glue lives in the plugin's ``nodes/``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
