@@ -36,6 +36,18 @@ try {
     widget.callback?.(widget.value);
     return titles;
   });
+  result.suggestions = await page.evaluate(() => {
+    const node = window.LiteGraph.createNode("OmniAttributeEncode");
+    window.app.graph.add(node);
+    const text = node.widgets.find((w) => w.name === "attributes");
+    const suggest = node.widgets.find((w) => w.name === "suggest attribute");
+    text.value = "object color";
+    text.callback?.(text.value);
+    suggest.callback("person hairstyle");
+    suggest.callback("person hairstyle"); // already a line: not added twice
+    const serialized = window.app.graph.serialize().nodes.find((n) => n.id === node.id).widgets_values;
+    return { options: suggest.options.values, text: text.value, reset: suggest.value, title: node.title, serialized };
+  });
   result.summary = await page.evaluate(() => {
     const node = window.LiteGraph.createNode("OmniAttributeSaveEmbeds");
     window.app.graph.add(node);

@@ -26,6 +26,12 @@ def test_extension_counts_embeddings_and_shows_the_summary(comfy_server, tmp_pat
     assert report["extensionLoaded"] is True
     assert report["titles"][1] == "Omni-Attribute Encode (3 embeddings per image)"
     assert report["titles"][2] == "Omni-Attribute Encode (no attribute yet)"
+    suggestions = report["suggestions"]
+    assert {"person hairstyle", "image lighting", "object material", "camera angle"} <= set(suggestions["options"])
+    assert suggestions["text"] == "object color\nperson hairstyle"  # appended once as a new line
+    assert suggestions["title"] == "Omni-Attribute Encode (2 embeddings per image)"
+    assert suggestions["reset"] == suggestions["options"][0]  # the picker goes back to its prompt
+    assert suggestions["serialized"] == ["object color\nperson hairstyle"]  # the picker is not saved
     assert report["summary"]["value"] == "2 embedding(s): tokens [2, 4, 64]"
     assert report["summary"]["serialized"] == ["omni_attribute"]  # the display widget is not saved in workflows
     assert not [e for e in report["consoleErrors"] if "omni_attribute" in e.lower()], report["consoleErrors"]

@@ -2,6 +2,14 @@
 import { app } from "../../../scripts/app.js"; // served at /extensions/<plugin>/js/
 
 const SUMMARY = "omni_attribute_summary";
+const SUGGEST = "suggest attribute";
+const SUGGEST_PROMPT = "+ add a common attribute…";
+// Attribute texts in the paper's style (a subject and what of it): picked from the list, appended as a new line.
+export const COMMON_ATTRIBUTES = [
+  "person identity", "person hairstyle", "facial expression", "makeup", "clothing", "pose",
+  "image lighting", "object material", "surface texture", "artistic style", "background", "camera angle",
+  "object color", "object shape", "animal species", "image composition",
+];
 
 function readOnlyText(node, name) {
   let widget = node.widgets?.find((w) => w.name === name);
@@ -19,6 +27,26 @@ export function attributePlan(text) {
     .split(/\r?\n/)
     .map((line) => line.split(/[,;]/).map((a) => a.trim().replace(/^(and|&)\s+/i, "")).filter(Boolean))
     .filter((names) => names.length > 0);
+}
+
+// Appends `attribute` as a new line of the text (one line = one embedding), unless it is already a line.
+export function withAttribute(text, attribute) {
+  const current = String(text ?? "");
+  const lines = current.split(/\r?\n/).map((l) => l.trim());
+  if (lines.includes(attribute)) return current;
+  return current.trim() ? `${current.replace(/\s+$/, "")}\n${attribute}` : attribute;
+}
+
+function addSuggestions(node, textWidget, onChange) {
+  if (node.widgets?.some((w) => w.name === SUGGEST)) return;
+  const suggest = node.addWidget("combo", SUGGEST, SUGGEST_PROMPT, (value) => {
+    if (value && value !== SUGGEST_PROMPT) {
+      textWidget.value = withAttribute(textWidget.value, value);
+      onChange();
+    }
+    suggest.value = SUGGEST_PROMPT;
+  }, { values: [SUGGEST_PROMPT, ...COMMON_ATTRIBUTES] });
+  suggest.serialize = false; // a helper for typing, never part of the saved workflow
 }
 
 app.registerExtension({
@@ -52,6 +80,7 @@ app.registerExtension({
           update();
           return result;
         };
+        addSuggestions(this, attributes, () => attributes.callback(attributes.value));
         update();
       };
     }
