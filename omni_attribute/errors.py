@@ -25,5 +25,21 @@ class ImageInputError(OmniAttributeError):
     """An input image has a shape, mode or value range we cannot use."""
 
 
-class EmbedsFileError(OmniAttributeError):
+class EmbedsError(OmniAttributeError):
+    """Attribute embeds are empty, malformed or hold NaN/infinite values."""
+
+
+class EmbedsFileError(EmbedsError):
     """A saved attribute-embeds file is missing, corrupt or of an unknown format."""
+
+
+class InputError(OmniAttributeError, ValueError):
+    """A node input (a number, a name, a value typed into a socket, a MODEL of another kind) cannot be used."""
+
+
+class GeneratorFolderError(OmniAttributeError, ValueError):
+    """A generator folder (e.g. the tiny world's) is missing files or holds malformed ones."""
+
+
+class CheckpointError(OmniAttributeError):
+    """A training checkpoint could not be written or read."""

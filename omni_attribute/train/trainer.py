@@ -29,6 +29,7 @@ from torch import nn
 from ..adapter_file import check_backbone, config_hash, load_adapter, read_adapter_metadata, save_adapter
 from ..backbone import load_backbone, read_folder_config
 from ..encoder import AttributeEncoder, backbone_info_from_config, build_encoder
+from ..errors import CheckpointError
 from ..lora import ADAPTER_NAME, load_lora_state_dict
 from ..prompt import format_instruction
 from .config import TrainConfig
@@ -260,11 +261,19 @@ def write_checkpoint(config: TrainConfig, params: dict, optim_state: dict, sched
     name = f"step-{state['global_step']:07d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(params, str(tmp / "trainable.safetensors"))
-    torch.save(optim_state, tmp / "optimizer.pt")
-    torch.save(scheduler_state, tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
+    try:
+        tmp.mkdir()
+        save_file(params, str(tmp / "trainable.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+    except OSError as exc:  # disk full, quota, permissions: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(config)
+        raise CheckpointError(
+            f"could not write checkpoint {name} into {root}: {exc.strerror or exc}. The last complete "
+            f"checkpoint ({previous.name if previous else 'none yet'}) is intact: free space (or fix the "
+            "folder) and run the same command again to resume from it") from exc
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

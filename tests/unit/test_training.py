@@ -224,3 +224,34 @@ def test_several_attribute_tuples_per_pair_average_the_papers_lcon(tmp_path, pai
     assert every[0] == pytest.approx(float(torch.stack(tuples).mean()), abs=1e-4)
     with pytest.raises(ConfigError, match="attributes_per_pair"):
         tiny_config(tmp_path, pairs, tiny_backbone, "loss.attributes_per_pair=0")
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, pairs, tiny_backbone, monkeypatch, caplog):
+    """The disk fills up while the second checkpoint is written: a clear error, no half-written folder,
+    the first checkpoint intact, and the same command run again resumes from it and finishes."""
+    import errno
+    import logging
+
+    from omni_attribute.errors import CheckpointError
+
+    config = tiny_config(tmp_path, pairs, tiny_backbone, "optim.max_steps=4", "runtime.checkpoint_every=2",
+                         "runtime.validate_every=0")
+    real_save = torch.save
+
+    def disk_full_at_step_4(obj, path, *args, **kwargs):
+        if "step-0000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*step-0000002\) is intact"):
+        train(config, progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000002"]  # no .tmp-* left behind
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+    monkeypatch.setattr(torch, "save", real_save)
+    with caplog.at_level(logging.INFO, logger="omni_attribute.train"):
+        adapter = train(config, progress=False)
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert adapter.is_file() and (checkpoints / "latest").read_text().strip() == "step-0000004"
