@@ -4,9 +4,12 @@
     python benchmarks/ip_adapter.py --size dev --device cuda --dtype bf16 --resolution 1024
                                                            # GPU: full FLUX.1-dev layout, random weights
 
-One step = one call of the diffusion model (batch 1, 512 text tokens at full size) through the
-same transformer_options a sampler would pass. Plain and patched calls are interleaved in one run;
-the ratio is what to read. Goal at full size: the patch adds at most 5% per step.
+One step = one ``apply_model`` call (batch 1, 512 text tokens) with the transformer_options a sampler
+passes, so the patch's APPLY_MODEL wrapper and a TorchCompileModel wrapper run as in sampling. The
+variants: plain; IP on all double blocks (the default layout); double + single; double with a MASK;
+with ``--compile BACKEND`` also plain and IP-double compiled by ComfyUI's TorchCompileModel (ratios to
+the compiled plain model). All calls interleaved round by round, median of the repeats; the ratio is
+what to read. Goal at full size: the patch adds at most 5% per step.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import uuid
 
 import torch
 
-from benchmarks.timing import timed
+from benchmarks.timing import PeakMemory, clock_name, timed, use_cpu_time
 from devtools.comfy_flux import build_comfy_flux, comfy_flux_forward
 from devtools.comfy_host import import_in_process
 from omni_attribute.flux_models import FluxLayout
@@ -53,64 +56,105 @@ def build(size: str, device: str, dtype: torch.dtype):
     return layout, patcher
 
 
-def flux_benchmark_args(description: str, text_tokens: int) -> argparse.Namespace:
-    """The options every FLUX benchmark shares."""
+def flux_benchmark_args(description: str, text_tokens: int, extra=None) -> argparse.Namespace:
+    """The options every FLUX benchmark shares (``extra(parser)`` adds a benchmark's own)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--text-tokens", type=int, default=text_tokens)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time the models compiled by ComfyUI's TorchCompileModel with this backend "
+                             "(inductor on a GPU; minutes of compiling on a CPU)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time CPU time of one thread (one torch thread) instead of wall clock: for shared machines")
     parser.add_argument("--json", type=Path)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.cpu_time:
+        use_cpu_time()
+    return args
 
 
-def main() -> None:
-    args = flux_benchmark_args(__doc__, text_tokens=512)
-    apply_injection = import_in_process(cpu=args.device == "cpu").nodes.apply.apply_injection
+def measure(size: str = "small", device: str = "cpu", dtype: torch.dtype = torch.float32, resolution: int = 512,
+            text_tokens: int = 512, repeats: int = 5, compile_backend: str | None = None) -> dict:
+    """Median seconds per step and peak memory of each variant (see the module doc)."""
+    nodes = import_in_process(cpu=device == "cpu").nodes
+    apply_injection = nodes.apply.apply_injection
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    layout, plain = build(args.size, args.device, dtype)
+    layout, plain = build(size, device, dtype)
+    side = resolution // 8
+    mask = torch.zeros(1, resolution, resolution)
+    mask[:, :, : resolution // 2] = 1.0  # the left half
+    tokens = torch.randn(1, 16, layout.context_dim, generator=torch.Generator().manual_seed(0))
     variants = {"plain": plain}
-    for name, single in (("ip-double", "none"), ("ip-double+single", "all")):
+    for name, single, where in (("ip-double", "none", None), ("ip-double+single", "all", None),
+                                ("ip-double+mask", "none", mask)):
         torch.manual_seed(0)
-        ip = IPAdapter(IPAdapterConfig.for_layout(layout, "all", single)).to(args.device, dtype)
-        tokens = torch.randn(1, 16, layout.context_dim)
-        variants[name] = apply_injection(plain, Injection(ip=ip, condition=AttributeCondition(tokens)))
+        ip = IPAdapter(IPAdapterConfig.for_layout(layout, "all", single)).to(device, dtype)
+        variants[name] = apply_injection(plain, Injection(ip=ip, condition=AttributeCondition(tokens), mask=where))
+    if compile_backend:
+        from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-    side = args.resolution // 8
+        variants["compiled plain"] = TorchCompileModel.execute(plain, compile_backend).result[0]
+        variants["compiled ip-double"] = TorchCompileModel.execute(variants["ip-double"], compile_backend).result[0]
+
     g = torch.Generator().manual_seed(1)
-    latent = torch.randn(1, 16, side, side, generator=g).to(args.device)
-    context = torch.randn(1, args.text_tokens, layout.context_dim, generator=g).to(args.device)
-    y = torch.randn(1, layout.vec_in_dim, generator=g).to(args.device)
-    sigma, guidance = torch.tensor([0.7], device=args.device), torch.tensor([3.5], device=args.device)
+    latent = torch.randn(1, 16, side, side, generator=g).to(device)
+    context = torch.randn(1, text_tokens, layout.context_dim, generator=g).to(device, dtype)
+    y = torch.randn(1, layout.vec_in_dim, generator=g).to(device, dtype)
+    sigma, guidance = torch.tensor([0.7], device=device), torch.tensor([3.5], device=device)
 
     def step(model):
         options = dict(model.model_options.get("transformer_options", {}))
         options.update(wrappers=model.wrappers, cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
         with torch.no_grad():
-            comfy_flux_forward(model.model, latent, sigma, context, y, guidance, transformer_options=options)
+            model.model.apply_model(latent, sigma, c_crossattn=context, transformer_options=options, y=y,
+                                    guidance=guidance)
 
     times = {name: [] for name in variants}
-    for round_ in range(args.repeats + 1):
+    peaks = {name: 0 for name in variants}
+    for round_ in range(repeats + 1):  # round 0 is warm-up (and compiles)
         for name, model in variants.items():
-            seconds = timed(lambda: step(model), args.device)
-            if round_:  # round 0 is warm-up
+            with PeakMemory(device) as memory:
+                seconds = timed(lambda: step(model), device)
+            peaks[name] = max(peaks[name], memory.peak) if round_ else peaks[name]
+            if round_:
                 times[name].append(seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"IP-Adapter per-step overhead: size={args.size} ({layout.hidden_size} wide, {layout.depth_double} double + "
-          f"{layout.depth_single} single blocks) {args.resolution}x{args.resolution} ({side // 2 * side // 2} image "
-          f"tokens, {args.text_tokens} text tokens) device={device_name} dtype={args.dtype}, median of {args.repeats}")
     rows = []
     for name, seconds in median.items():
-        ratio = seconds / median["plain"]
-        rows.append({"variant": name, "seconds": seconds, "ratio": ratio})
-        print(f"  {name:<18} {seconds:8.4f} s/step   {ratio:5.3f}x plain")
+        base = median["compiled plain"] if name.startswith("compiled") else median["plain"]
+        rows.append({"variant": name, "seconds": seconds, "ratio": seconds / base, "peak_bytes": peaks[name]})
+    return {"size": size, "layout": f"{layout.hidden_size} wide, {layout.depth_double} double + "
+            f"{layout.depth_single} single blocks", "resolution": resolution, "image_tokens": (side // 2) ** 2,
+            "text_tokens": text_tokens, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "compile": compile_backend,
+            "clock": clock_name(), "threads": torch.get_num_threads(), "rows": rows}
+
+
+def report(result: dict) -> str:
+    lines = [f"IP-Adapter per-step overhead: size={result['size']} ({result['layout']}) {result['resolution']}x"
+             f"{result['resolution']} ({result['image_tokens']} image tokens, {result['text_tokens']} text tokens) "
+             f"device={result['device']} dtype={result['dtype']}, median of {result['repeats']} ({result['clock']}, "
+             f"{result['threads']} threads)"]
+    for row in result["rows"]:
+        against = "compiled plain" if row["variant"].startswith("compiled") else "plain"
+        lines.append(f"  {row['variant']:<20} {row['seconds']:8.4f} s/step   {row['ratio']:5.3f}x {against}   "
+                     f"peak {row['peak_bytes'] / 2**20:8.1f} MiB")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = flux_benchmark_args(__doc__, text_tokens=512)
+    result = measure(args.size, args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
+                     args.resolution, args.text_tokens, args.repeats, args.compile)
+    print(report(result))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The only shipped code that imports ComfyUI (``comfy*``, ``comfy_api``, ``folder_paths``). One module
 per feature: ``encode`` (encoder loader, Encode), ``embeds`` (save/load), ``apply`` (the IP-Adapter
-patch on a FLUX MODEL), ``flow_blend`` (Stack, Flow Blend Guider).
+patch on a FLUX MODEL), ``flow_blend`` (Stack, Flow Blend Guider), ``retrieve`` (Build Attribute Index,
+Retrieve by Attribute, Embedding Map).
 """
 
 from comfy_api.latest import ComfyExtension, io
@@ -12,6 +13,7 @@ from .apply import ApplyOmniAttribute
 from .embeds import LoadOmniAttributeEmbeds, SaveOmniAttributeEmbeds
 from .encode import LoadOmniAttributeEncoder, OmniAttributeEncode
 from .flow_blend import OmniAttributeFlowBlendGuider, OmniAttributeStack
+from .retrieve import OmniAttributeBuildIndex, OmniAttributeEmbeddingMap, OmniAttributeRetrieve
 
 NODES: list[type[io.ComfyNode]] = [
     LoadOmniAttributeEncoder,
@@ -21,6 +23,9 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyOmniAttribute,
     OmniAttributeStack,
     OmniAttributeFlowBlendGuider,
+    OmniAttributeBuildIndex,
+    OmniAttributeRetrieve,
+    OmniAttributeEmbeddingMap,
 ]
 
 

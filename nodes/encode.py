@@ -8,13 +8,17 @@ import folder_paths
 from comfy_api.latest import io
 
 from omni_attribute.encoder import load_encoder
+from omni_attribute.errors import OmniAttributeError
 from omni_attribute.prompt import parse_attribute_text
 
-from . import folders
+from . import folders, inputs
 from .model_management import EncoderHandle, pick_devices, pick_dtype
 from .sockets import Embeds, Encoder
 
 CATEGORY = "Omni-Attribute"
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+DEVICES = ["default", "cpu", "gpu"]
+ADAPTER_WHAT = "Omni-Attribute adapter .safetensors file"
 
 
 class LoadOmniAttributeEncoder(io.ComfyNode):
@@ -30,17 +34,25 @@ class LoadOmniAttributeEncoder(io.ComfyNode):
                                tooltip="HF-format Qwen2.5-VL folder in models/omni_attribute_backbones or models/LLM"),
                 io.Combo.Input("adapter", options=folder_paths.get_filename_list(folders.ADAPTERS),
                                tooltip="Omni-Attribute adapter .safetensors in models/omni_attribute"),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto"),
-                io.Combo.Input("device", options=["default", "cpu", "gpu"], default="default",
+                io.Combo.Input("dtype", options=DTYPES, default="auto"),
+                io.Combo.Input("device", options=DEVICES, default="default",
                                tooltip="default: ComfyUI's text-encoder device; the encoder is offloaded while sampling"),
             ],
             outputs=[Encoder.Output(display_name="encoder")],
         )
 
     @classmethod
+    def validate_inputs(cls, backbone=None, adapter=None, dtype=None, device=None) -> bool | str:
+        return inputs.verdict(folders.backbone_problem(backbone),
+                              inputs.file_problem("adapter", adapter, folders.ADAPTERS, ADAPTER_WHAT),
+                              inputs.choice_problem("dtype", dtype, DTYPES),
+                              inputs.choice_problem("device", device, DEVICES))
+
+    @classmethod
     def execute(cls, backbone: str, adapter: str, dtype: str, device: str) -> io.NodeOutput:
+        inputs.ensure(inputs.choice_problem("dtype", dtype, DTYPES), inputs.choice_problem("device", device, DEVICES))
         backbone_path = folders.resolve_backbone(backbone)
-        adapter_path = folder_paths.get_full_path_or_raise(folders.ADAPTERS, adapter)
+        adapter_path = inputs.resolve_file("adapter", adapter, folders.ADAPTERS, ADAPTER_WHAT)
         load_device, offload_device = pick_devices(device)
         torch_dtype = pick_dtype(dtype, load_device)
         encoder = load_encoder(backbone_path, adapter_path, dtype=torch_dtype, device=offload_device)
@@ -66,19 +78,17 @@ class OmniAttributeEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, attributes: str | None = None) -> bool | str:
-        if attributes is None:  # linked from another node: checked when it runs
-            return True
-        try:
-            parse_attribute_text(attributes)
-        except Exception as exc:  # shown by ComfyUI as a validation error on this node
-            return str(exc)
-        return True
+    def validate_inputs(cls, encoder=None, image=None, attributes: str | None = None) -> bool | str:
+        return inputs.verdict(inputs.ENCODER.literal_problem("encoder", encoder),
+                              inputs.IMAGE.literal_problem("image", image), attribute_problem(attributes))
 
     @classmethod
     def execute(cls, encoder: EncoderHandle, image, attributes: str) -> io.NodeOutput:
+        inputs.ENCODER.require("encoder", encoder)
+        inputs.IMAGE.require("image", image)
+        inputs.ensure(attribute_problem(attributes))
         encoder.load()
-        progress = comfy.utils.ProgressBar(image.shape[0])
+        progress = comfy.utils.ProgressBar(image.shape[0] if image.ndim == 4 else 1)
 
         def image_done(done: int, total: int) -> None:
             progress.update_absolute(done, total)
@@ -86,3 +96,13 @@ class OmniAttributeEncode(io.ComfyNode):
 
         embeds = encoder.encoder.encode(image, attributes, on_image_done=image_done)
         return io.NodeOutput(embeds)
+
+
+def attribute_problem(attributes) -> str | None:
+    if attributes is None:  # linked from another node: checked when it runs
+        return None
+    try:
+        parse_attribute_text(attributes)
+    except OmniAttributeError as exc:  # shown by ComfyUI as a validation error on this node
+        return f"attributes: {exc}"
+    return None

@@ -51,11 +51,22 @@ class ExecutionFailed(ComfyError):
 
 
 def format_rejection(reply: dict) -> str:
+    """One line per distinct problem. A node's own input check (``validate_inputs``) is reported by ComfyUI once
+    per input it looks at ("weight - <text>", "start_percent - <text>", ...): its text is shown once."""
     error = reply.get("error") or {}
     lines = [f"prompt rejected: {error.get('message', '')} {error.get('details', '')}".rstrip()]
     for node_id, entry in (reply.get("node_errors") or {}).items():
+        seen = []
         for item in entry.get("errors", []):
-            lines.append(f"  node {node_id} ({entry.get('class_type')}): {item.get('message')}: {item.get('details')}")
+            details = str(item.get("details", ""))
+            name = (item.get("extra_info") or {}).get("input_name")
+            if item.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
+                text = details[len(name) + 3:]
+            else:
+                text = f"{item.get('message')}: {details}"
+            if text not in seen:
+                seen.append(text)
+        lines += [f"  node {node_id} ({entry.get('class_type')}): {text}" for text in seen]
     return "\n".join(lines)
 
 

@@ -98,11 +98,24 @@ class IPBlock(nn.Module):
         positions of the attention output, [B,N,H*Dh]."""
         k, v = self.keys_values(tokens, q_img)
         if value_scale is not None:
-            v = v * value_scale.to(v)[:, None, :, None]
+            v = scale_values(v, value_scale)
         mask = key_mask[:, None, None, :].to(q_img.device) if key_mask is not None else None
-        out = F.scaled_dot_product_attention(q_img, k, v, attn_mask=mask)
+        return self.attend(q_img, k, v, mask, scale)
+
+    @staticmethod
+    def attend(q_img: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               scale: torch.Tensor) -> torch.Tensor:
+        """The IP term from keys/values already projected (``keys_values``, values × their weights):
+        q_img [B,H,N,Dh], k/v [B,H,M,Dh], attn_mask [B,1,1,M] bool, scale [B,N] or [B,1] → [B,N,H*Dh].
+        Device work only: a caller that keeps k/v for a whole sampling run pays the projections once."""
+        out = F.scaled_dot_product_attention(q_img, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).flatten(2)
         return out * scale.to(out)[..., None]
+
+
+def scale_values(v: torch.Tensor, value_scale: torch.Tensor) -> torch.Tensor:
+    """v [B,H,M,Dh] × each token's weight value_scale [B,M] (token groups attended together)."""
+    return v * value_scale.to(v)[:, None, :, None]
 
 
 class IPAdapter(nn.Module):
@@ -142,16 +155,26 @@ def load_ip_adapter(generator: dict | None, tensors: dict[str, torch.Tensor], ad
     """Build the IP modules from an adapter file's ``generator`` metadata and ``ip_adapter`` tensors."""
     from .errors import AdapterFileError
 
+    from .validation import Fields, compare_shapes, expected_shapes, ip_fields
+
+    if isinstance(generator, dict) and "ip" in generator and not tensors:
+        raise AdapterFileError(
+            f"{adapter_name}: its metadata describes an IP-Adapter but the file holds no IP-Adapter weights: the "
+            "file is incomplete (was its ip_adapter section stripped?); re-export it with omni-attribute-train"
+        )
     if not generator or "ip" not in generator or not tensors:
         raise AdapterFileError(
             f"{adapter_name} has no IP-Adapter weights: it can encode attributes but cannot inject them into a "
             "generator. Use an adapter trained with the generator (omni-attribute-train writes both)."
         )
-    module = IPAdapter(IPAdapterConfig.from_dict(generator["ip"]))
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise AdapterFileError(f"{adapter_name}: IP-Adapter weights do not match their own metadata ({exc})") from exc
+    fix = "the file is damaged or was edited by hand: re-export it with omni-attribute-train"
+    config = IPAdapterConfig.from_dict(ip_fields(Fields(generator["ip"], "generator.ip", adapter_name,
+                                                        AdapterFileError, fix)))
+    # names and shapes checked on the meta device before the real modules are allocated
+    compare_shapes(expected_shapes(lambda: IPAdapter(config)), {k: v.shape for k, v in tensors.items()},
+                   "IP-Adapter", adapter_name, AdapterFileError, fix[0].upper() + fix[1:])
+    module = IPAdapter(config)
+    module.load_state_dict(tensors, strict=True)
     return module.eval().requires_grad_(False)
 
 

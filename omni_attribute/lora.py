@@ -51,11 +51,22 @@ def load_lora_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     expected = {name.replace(f".{ADAPTER_NAME}.", "."): name for name in params if ".lora_" in name}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
+    if not tensors:
+        raise AdapterFileError(
+            f"{adapter_name}: holds no LoRA weights: the file is incomplete (was its LoRA section stripped?); "
+            "re-export it with omni-attribute-train"
+        )
+    if unexpected:
         raise AdapterMismatchError(
-            f"{adapter_name}: LoRA weights do not fit this backbone ({len(missing)} missing, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): the adapter was trained "
-            "on a backbone with another layer count or LoRA targets"
+            f"{adapter_name}: {len(unexpected)} LoRA tensors are for modules this backbone does not have (e.g. "
+            f"{', '.join(unexpected[:2])}): the adapter was trained on a backbone with another layer count or "
+            "with other LoRA targets. Load the backbone it was trained with"
+        )
+    if missing:
+        raise AdapterFileError(
+            f"{adapter_name}: lacks {len(missing)} of the {len(expected)} LoRA tensors its own LoRA targets select on "
+            f"this backbone (e.g. {', '.join(missing[:2])}): the file is incomplete or was edited; re-export it "
+            "with omni-attribute-train"
         )
     with torch.no_grad():
         for key, name in expected.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from omni_attribute.flow_blend import flow_blend
+from omni_attribute.flow_blend import DeltaReuse, blend_with_deltas, flow_blend
 from omni_attribute.flux_models import (
     FluxLayout,
     build_diffusers_flux,
@@ -95,9 +95,13 @@ def sample_images(transformer, text, layout: FluxLayout, captions: list[str], se
 @torch.no_grad()
 def sample_composed(transformer, text, layout: FluxLayout, captions: list[str], tokens: list[torch.Tensor],
                     weights: list[float], seed: int = 0, steps: int = 20, text_scale: float = 1.0,
-                    size: int = 32) -> torch.Tensor:
+                    size: int = 32, reuse_every: int | None = None) -> torch.Tensor:
     """The flow-blend rule in the diffusers twin: per step v* = v(∅,∅) + s_T (v(∅,c) − v(∅,∅)) +
-    Σ w_i (v(E_i,∅) − v(∅,∅)); ``tokens[i]`` is [B,M,D] (one reference per sample and attribute)."""
+    Σ w_i (v(E_i,∅) − v(∅,∅)); ``tokens[i]`` is [B,M,D] (one reference per sample and attribute).
+
+    ``reuse_every``: the approximation of the ComfyUI guider's "reuse Δ every k steps" modes (the same
+    :class:`~omni_attribute.flow_blend.DeltaReuse` rule): each v(E_i,∅) − v(∅,∅) evaluated every k-th
+    step and held in between."""
     codec = PixelCodec()
     b = len(captions)
     g = torch.Generator().manual_seed(seed)
@@ -106,13 +110,23 @@ def sample_composed(transformer, text, layout: FluxLayout, captions: list[str], 
     null_ctx, null_pool = text([""] * b)
     guidance = torch.full((b,), 1.0) if layout.guidance_embed else None
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    reuse = DeltaReuse(reuse_every) if reuse_every else None
     for i in range(steps):
         t = torch.full((b,), float(sigmas[i]))
         run = lambda ctx, pool, tok: diffusers_flux_forward(  # noqa: E731
             transformer, x, t, ctx, pool, guidance,
             joint_attention_kwargs=ip_kwargs(tok, 1.0 if tok is not None else 0.0, txt_len=ctx.shape[1]) if tok is not None else None)
-        text_v, empty_v = run(cond_ctx, cond_pool, None), run(null_ctx, null_pool, None)
-        attribute_v = [run(null_ctx, null_pool, tok) for tok in tokens]
-        v = flow_blend(text_v, empty_v, attribute_v, weights, text_scale)
+        if reuse is None:
+            text_v, empty_v = run(cond_ctx, cond_pool, None), run(null_ctx, null_pool, None)
+            attribute_v = [run(null_ctx, null_pool, tok) for tok in tokens]
+            v = flow_blend(text_v, empty_v, attribute_v, weights, text_scale)
+        else:
+            fresh = [j for j in range(len(tokens)) if reuse.needs(i, j)]
+            text_v = run(cond_ctx, cond_pool, None)
+            empty_v = run(null_ctx, null_pool, None) if fresh or text_scale != 1.0 else None
+            for j in fresh:
+                reuse.update(j, run(null_ctx, null_pool, tokens[j]) - empty_v, float(sigmas[i]))
+            v = blend_with_deltas(text_v, empty_v, [reuse.delta(j, float(sigmas[i])) for j in range(len(tokens))],
+                                  weights, text_scale)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return codec.decode(x)

@@ -12,6 +12,10 @@ JSONL schema, one pair per line (paths relative to the JSONL file's folder unles
 ``negative_attributes`` may be empty (that pair then adds no contrastive term). Shards: a list of
 JSONL files or a glob; every process reads the same ordered stream and keeps the lines whose index
 modulo ``world_size`` equals its ``rank`` (deterministic, no coordination needed).
+
+Faults: a malformed line (e.g. a truncated last line) stops an in-memory run before training with a
+message naming the file and line; met mid-stream it is skipped and counted like an image that cannot
+be read (deleted, cut short, not an image) — the trainer's ``skipped_samples``.
 """
 
 from __future__ import annotations
@@ -95,21 +99,42 @@ def shard_files(spec: str | list[str]) -> list[Path]:
     return files
 
 
-def iter_records(files: list[Path], rank: int = 0, world_size: int = 1) -> Iterator[PairRecord]:
-    """Records of this process's shard; malformed lines raise DatasetError naming file and line."""
+@dataclass
+class MalformedRecord:
+    """A line that is not a valid record (e.g. the truncated last line of a file a killed writer left behind),
+    kept in the stream in its place: the dataset skips and counts it like an unreadable image, so a streaming run
+    goes on and every process keeps the same number of records."""
+    where: str
+    error: DatasetError
+
+
+def iter_records(files: list[Path], rank: int = 0, world_size: int = 1,
+                 keep_malformed: bool = False) -> Iterator[PairRecord | MalformedRecord]:
+    """Records of this process's shard; a malformed line raises DatasetError naming file and line (or, with
+    ``keep_malformed``, is yielded as a :class:`MalformedRecord`)."""
     index = 0
     for path in files:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8", errors="replace") as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
                 if index % world_size == rank:
                     where = f"{path.name}:{number}"
                     try:
-                        data = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-                    yield parse_record(data, where, path.parent)
+                        try:
+                            data = json.loads(line)
+                        except (json.JSONDecodeError, RecursionError) as exc:
+                            detail = (f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
+                                      else "nested too deeply")
+                            cut = ("" if line.endswith("\n")
+                                   else "; the line ends without a newline: was the file cut short?")
+                            raise DatasetError(f"{where}: not valid JSON ({detail}){cut}") from exc
+                        record = parse_record(data, where, path.parent)
+                    except DatasetError as exc:
+                        if not keep_malformed:
+                            raise
+                        record = MalformedRecord(where, exc)
+                    yield record
                 index += 1
 
 
@@ -142,7 +167,7 @@ class SkipCounter:
     skipped: int = 0
     reasons: dict = field(default_factory=dict)
 
-    def add(self, record: PairRecord, exc: Exception) -> None:
+    def add(self, record: PairRecord | MalformedRecord, exc: Exception) -> None:
         self.skipped += 1
         kind = type(exc).__name__
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
@@ -161,9 +186,13 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> PairSample | None:
         record = self.records[index]
+        if isinstance(record, MalformedRecord):  # a bad line met mid-stream
+            self.skips.add(record, record.error)
+            return None
         try:
             return PairSample(record, load_rgb(record.image_a, self.image_size), load_rgb(record.image_b, self.image_size))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            # OSError covers an image deleted or cut short while the run goes on
             self.skips.add(record, exc)
             return None
 
@@ -207,7 +236,7 @@ class StreamingPairs:
         files = list(self.files)
         rng.shuffle(files)
         pool: list[PairRecord] = []
-        for record in iter_records(files, self.rank, self.world_size):
+        for record in iter_records(files, self.rank, self.world_size, keep_malformed=True):
             pool.append(record)
             if len(pool) >= self.buffer:
                 yield pool.pop(rng.randrange(len(pool)))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import GeneratorFolderError
 from ..files import atomic_save_safetensors
 from ..flux_models import FluxLayout, build_diffusers_flux, diffusers_flux_forward
 from ..ip_adapter import IPAdapter, IPAdapterConfig, attach_to_diffusers, generator_metadata, ip_kwargs
@@ -205,9 +206,13 @@ def read_tiny_generator_meta(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a tiny generator folder (no {TINY_GENERATOR_META}); "
                                 "the laboratory's benchmarks/tiny_world.py writes one")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): write the folder again") from exc
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GeneratorFolderError(f"{path} is not valid JSON ({exc}): write the folder again") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
+        raise GeneratorFolderError(f"{path} must be a JSON object with a 'layout' object (the generator's sizes): "
+                                   "write the folder again")
+    return meta
 
 
 def load_tiny_text_encoder(folder: str | Path, tokenizer=None) -> TinyTextEncoder:

@@ -15,7 +15,7 @@ def expect_failure(client, prompt, error_type, fragment):
 
 
 @pytest.mark.parametrize("overrides, error_type, fragment", [
-    ({"backbone": "../../etc"}, ExecutionFailed, "not in any registered omni_attribute_backbones folder"),
+    ({"backbone": "../../etc"}, PromptRejected, "not in any registered omni_attribute_backbones folder"),
     ({"backbone": "no-weights"}, ExecutionFailed, "has no *.safetensors weights"),
     ({"adapter": "truncated.safetensors"}, ExecutionFailed, "truncated or corrupted"),
     ({"adapter": "hidden32.safetensors"}, ExecutionFailed, "hidden size 32, backbone has 64"),

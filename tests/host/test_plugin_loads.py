@@ -12,7 +12,7 @@ pytestmark = pytest.mark.host
 PLUGIN_MODULE = f"custom_nodes.{PLUGIN_LINK_NAME}"
 (LAB_MODULE,) = (f"custom_nodes.{name}" for name in LAB_NODES)
 FIXTURE_MODULE = "custom_nodes.omni_attribute_test_nodes"
-FIXTURES = {"OmniTestImage", "OmniTestTinyModel", "OmniTestConditioning", "OmniTestLatentToImage"}
+FIXTURES = {"OmniTestImage", "OmniTestTinyModel", "OmniTestConditioning", "OmniTestLatentToImage", "OmniTestLatentStats"}
 
 EXPECTED = {
     "OmniAttributeEncoderLoader": ({"backbone", "adapter", "dtype", "device"}, ["OMNI_ATTRIBUTE_ENCODER"]),
@@ -24,6 +24,9 @@ EXPECTED = {
     "OmniAttributeStack": ({"embeds", "weight", "start_percent", "end_percent"}, ["OMNI_ATTRIBUTE_STACK"]),
     "OmniAttributeFlowBlendGuider": ({"model", "adapter", "positive", "empty", "stack", "text_scale", "mode"},
                                      ["GUIDER"]),
+    "OmniAttributeBuildIndex": ({"encoder", "attributes", "folder", "index_name", "rebuild"}, ["OMNI_ATTRIBUTE_INDEX"]),
+    "OmniAttributeRetrieve": ({"index", "encoder", "image", "attribute", "k"}, ["IMAGE"]),
+    "OmniAttributeEmbeddingMap": ({"image", "attributes", "style", "seed"}, ["IMAGE"]),
 }
 WORLD = {
     "OmniAttributeWorldGeneratorLoader": ({"generator"}, ["MODEL", "OMNI_ATTRIBUTE_WORLD_TEXT"]),
@@ -61,7 +64,7 @@ def test_object_info_lists_every_node_with_its_sockets(client):
     assert info["OmniAttributeSaveEmbeds"]["output_node"] is True
     assert info["OmniAttributeEncode"]["input"]["required"]["image"][0] == "IMAGE"
     assert set(info["OmniAttributeApply"]["input"]["optional"]) == {"mask"}
-    assert set(info["OmniAttributeStack"]["input"]["optional"]) == {"stack"}
+    assert set(info["OmniAttributeStack"]["input"]["optional"]) == {"stack", "stack_2", "rows"}
 
 
 def test_model_folders_are_listed_and_user_paths_kept(client, comfy_base):

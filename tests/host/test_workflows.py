@@ -19,7 +19,7 @@ pytestmark = pytest.mark.host
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"              # shipped with the plugin
 LAB_WORKFLOWS = REPO / "lab" / "workflows"  # the laboratory's (they need its node pack)
-SHIPPED = ["compose_attributes", "encode_attributes", "personalize_attribute"]
+SHIPPED = ["compose_attributes", "embedding_map", "encode_attributes", "personalize_attribute", "retrieve_by_attribute"]
 LAB = ["tiny_world_compose"]
 CASES = [(WORKFLOWS, name) for name in SHIPPED] + [(LAB_WORKFLOWS, name) for name in LAB]
 IDS = [f"{folder.relative_to(REPO)}/{name}" for folder, name in CASES]
@@ -97,6 +97,12 @@ def test_workflow_runs_headlessly(comfy_server, folder, name, reference_images, 
     workflow = tmp_path / f"{name}.tiny.api.json"
     workflow.write_text(json.dumps(prompt))
     loaders = [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]
+    for node in prompt.values():  # an index's folder (inside the server's input folder) holds the reference images
+        if node["class_type"] == "OmniAttributeBuildIndex":
+            gallery = comfy_server.base_dir / "input" / node["inputs"]["folder"]
+            gallery.mkdir(parents=True, exist_ok=True)
+            for path in reference_images:
+                (gallery / path.name).write_bytes(path.read_bytes())
     sets = [f"{node_id}.image={path}" for node_id, path in zip(loaders, reference_images)]
     out = tmp_path / "out"
     result = run_cli(["run", str(workflow), "--server", comfy_server.url, "--out", str(out),
@@ -107,6 +113,11 @@ def test_workflow_runs_headlessly(comfy_server, folder, name, reference_images, 
     assert saved, result.stdout
     if name == "encode_attributes":
         assert saved[0].suffix == ".safetensors"
+    elif name == "retrieve_by_attribute":  # the three gallery images, best first: the query (reference 0) itself
+        hits = [np.asarray(Image.open(p).convert("RGB")) for p in saved]
+        assert len(hits) == 3 and np.array_equal(hits[0], np.asarray(Image.open(reference_images[0]).convert("RGB")))
+    elif name == "embedding_map":  # one panel (512 wide, 8 apart) per attribute line of the Encode node
+        assert Image.open(saved[0]).size[0] == 3 * 512 + 2 * 8
     else:
         image = np.asarray(Image.open(saved[0]), dtype=np.int16)
         # the tiny FLUX's stand-in VAE draws each latent cell as an 8×8 block (8×8 latent → 64 px); the world's

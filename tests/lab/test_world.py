@@ -115,6 +115,37 @@ def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministi
     assert torch.equal(out, sample_images(transformer, text, layout, captions, steps=2))
 
 
+def test_composition_with_reused_attribute_differences(world_generator):
+    """sample_composed's reuse rule (the guider's "reuse Δ every k steps", the library's DeltaReuse):
+    k = 1 is the exact rule bit for bit; k = 2 evaluates the attributes every second step only."""
+    from lab.world.generator import sample_composed
+    from omni_attribute.ip_adapter import IPAdapter, IPAdapterConfig, attach_to_diffusers
+    from omni_attribute.train.generator import load_tiny_generator
+
+    transformer, text, layout = load_tiny_generator(world_generator)
+    torch.manual_seed(3)
+    ip = IPAdapter(IPAdapterConfig.for_layout(layout, "all", "none", context_dim=8))
+    with torch.no_grad():
+        for block in ip.double_blocks.values():
+            block.to_v.weight.normal_(0, 0.3)
+    attach_to_diffusers(transformer, ip)
+    captions = ["a small plain red circle", "a large striped blue square"]
+    tokens = [torch.randn(2, 4, 8), torch.randn(2, 4, 8)]
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        exact = sample_composed(transformer, text, layout, captions, tokens, [0.8, 1.2], steps=4)
+        exact_calls, calls[:] = len(calls), []
+        every_step = sample_composed(transformer, text, layout, captions, tokens, [0.8, 1.2], steps=4, reuse_every=1)
+        calls.clear()
+        reused = sample_composed(transformer, text, layout, captions, tokens, [0.8, 1.2], steps=4, reuse_every=2)
+    finally:
+        hook.remove()
+    assert torch.equal(every_step, exact)
+    assert exact_calls == 4 * 4 and len(calls) == 2 * 4 + 2 * 1  # refresh steps: c, ∅, E_1, E_2; others: c
+    assert not torch.equal(reused, exact) and (reused - exact).abs().max() < 0.5
+
+
 def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_generator, comfy_in_process):
     from devtools.comfy_flux import comfy_flux_forward
     from lab.comfy_nodes import load_for_comfy

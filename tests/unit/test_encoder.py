@@ -30,6 +30,73 @@ def test_shared_prefix_equals_full_passes(encoder):
     assert torch.allclose(shared_pooled, full_pooled, atol=1e-4)
 
 
+def test_one_attribute_takes_one_mllm_call_and_equals_the_shared_path(encoder):
+    """K = 1 runs the full pass (one call) — the same result as the shared path's two calls; K > 1 shares
+    the prefix (two calls) unless told not to (K calls)."""
+    torch.manual_seed(1)
+    image = torch.rand(1, 3, 70, 90)
+    one = encoder.instructions_for([["object color"]])
+    three = encoder.instructions_for([["object color"], ["background"], ["man identity", "man hairstyle"]])
+    calls = []
+    hook = encoder.mllm.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1),
+                                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            counts = []
+            for instructions, shared in ((one, True), (three, True), (three, False)):
+                calls.clear()
+                tokens, _ = encoder.encode_image(image, instructions, shared_prefix=shared)
+                counts.append(len(calls))
+            single, _ = encoder.encode_image(image, one)
+            pixel_values, grid, n = encoder.prepare_image(image)
+            suffix, mask = encoder.suffix_ids(one)
+            image_hidden, hidden = encoder.hidden_shared_prefix(pixel_values, grid, encoder.prefix_ids(n), suffix, mask)
+    finally:
+        hook.remove()
+    assert counts == [1, 2, 3]
+    rows, cols = (int(v) // 2 for v in grid[0, 1:])
+    via_shared, _ = encoder.connector(torch.cat([image_hidden, hidden], dim=1), None, image_grid=(rows, cols))
+    assert torch.allclose(single, via_shared, atol=1e-4), (single - via_shared).abs().max()
+
+
+def test_prefix_layout_is_qwen_rope_index_and_the_image_span(encoder):
+    """The host-side layout (worked out once per image size) is what Qwen2.5-VL's rope index gives for
+    prefix + suffix, and its image slice holds exactly the image tokens."""
+    from omni_attribute.backbone import IMAGE_PAD
+
+    pixel_values, grid, n = encoder.prepare_image(torch.rand(1, 3, 84, 56))
+    layout = encoder.prefix_layout(grid.cpu())
+    suffix, _, lengths = encoder.suffix_batch(encoder.instructions_for([["surface pattern of the object"]]))
+    ids = torch.cat([layout.ids, suffix[:, :lengths[0]]], dim=1)
+    reference, _ = encoder.mllm.model.get_rope_index(input_ids=ids, image_grid_thw=grid,
+                                                     attention_mask=torch.ones_like(ids))
+    text = (layout.next_position + torch.arange(lengths[0])).view(1, 1, -1).expand(3, 1, -1)
+    assert torch.equal(torch.cat([layout.positions, text], dim=2), reference)
+    image_id = encoder.backbone.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    assert (layout.ids[0, layout.image] == image_id).all() and int((layout.ids == image_id).sum()) == n
+    assert encoder.prefix_layout(grid.cpu()) is layout  # cached per image size
+
+
+def test_connector_by_suffix_length_equals_the_masked_connector(encoder):
+    """encode_image runs the connector per suffix length with the padding cut off and no key mask (its
+    fast attention): the same tokens as one masked call over the padded batch."""
+    torch.manual_seed(2)
+    lengths = [5, 3, 5, 4]
+    hidden = torch.randn(4, 12 + 5, encoder.connector.config.in_dim)
+    mask = torch.ones(4, 12 + 5, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        mask[row, 12 + length:] = False
+        hidden[row, 12 + length:] = 1e3  # whatever the padding holds
+    with torch.no_grad():
+        masked, masked_pooled = encoder.connector(hidden, mask, image_grid=(3, 4))
+        grouped, grouped_pooled = encoder.connect(hidden, lengths, (3, 4))
+        same_length, _ = encoder.connect(hidden[:, :15], [3, 3, 3, 3], (3, 4))
+        all_true, _ = encoder.connector(hidden[:, :15], torch.ones(4, 15, dtype=torch.bool), image_grid=(3, 4))
+    assert torch.allclose(grouped, masked, atol=1e-5), (grouped - masked).abs().max()
+    assert torch.allclose(grouped_pooled, masked_pooled, atol=1e-5)
+    assert torch.allclose(same_length, all_true, atol=1e-5)
+
+
 def test_connector_reads_the_image_states_unless_told_not_to(encoder):
     """With read_image the image-token states (computed once, before any instruction) join the
     instruction states; the shared-prefix and full paths agree on them."""
@@ -130,7 +197,8 @@ def test_backbone_folder_errors(tmp_path, tiny_backbone):
     shutil.copytree(tiny_backbone, pickled)
     for weights in pickled.glob("*.safetensors"):
         weights.rename(weights.with_suffix(".bin"))
-    with pytest.raises(BackboneError, match="no \\*.safetensors weights"):
+    with pytest.raises(BackboneError, match="holds only pickled weights \\(model.bin\\): Omni-Attribute refuses "
+                                            "pickled formats on purpose"):
         load_backbone(pickled)
 
 

@@ -60,3 +60,60 @@ def test_a_mask_weights_the_image_tokens_on_their_grid(ip):
     assert plan.scale.tolist() == [[1.0, 0.0, 1.0, 0.0]]
     with pytest.raises(RuntimeError, match="grid is unknown"):
         injection.plan([0], [None], batch=1, n_img=4)
+
+
+def test_prepared_plans_are_cached_per_layout_device_dtype_and_weights(ip):
+    """The sampler's path: one PreparedPlan per (conditions, layout, device, dtype, IP weights), with every
+    IP block's keys/values; the same object again while nothing changes."""
+    tokens = torch.randn(1, 3, 4)
+    injection = Injection(ip, AttributeCondition(tokens, 0.5))
+    first = injection.prepared([0, 1], ["a", "b"], batch=2)
+    assert injection.prepared([0, 1], ["c", "d"], batch=2) is first  # new cond uuids, same rows: same plan
+    assert set(first.keys_values) == {"double.0"}
+    k, v = first.keys_values["double.0"]
+    assert k.shape == v.shape == (2, 2, 3, 4) and injection.cache.builds == 1
+    reference = injection.plan([0, 1], ["a", "b"], batch=2, n_img=1)
+    ref_k, ref_v = ip.double_blocks["0"].keys_values(reference.tokens, reference.tokens)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_v * 0.5)
+    assert injection.prepared([0], ["a"], batch=2) is not first  # another layout
+    double = injection.prepared([0, 1], ["a", "b"], batch=2, dtype=torch.float64)
+    assert double is not first and double.keys_values["double.0"][0].dtype == torch.float64
+    on_meta = injection.prepared([0, 1], ["a", "b"], batch=2, device="meta")
+    assert on_meta.keys_values["double.0"][0].device.type == "meta"
+    with torch.no_grad():
+        tokens.add_(1.0)  # new values in the same tensor
+    assert injection.prepared([0, 1], ["a", "b"], batch=2) is not first
+    builds = injection.cache.builds
+    with torch.no_grad():
+        ip.double_blocks["0"].to_k.weight.mul_(1.0)  # weights touched in place
+    injection.prepared([0, 1], ["a", "b"], batch=2)
+    assert injection.cache.builds == builds + 1
+
+
+def test_a_run_empties_the_cache_and_it_stays_small(ip):
+    injection = Injection(ip, AttributeCondition(torch.randn(1, 2, 4)))
+    injection.begin_run()
+    injection.prepared([0], [None], batch=1)
+    injection.begin_run()  # a nested run (a sampler inside a sampler) keeps the outer run's plans
+    injection.end_run()
+    assert len(injection.cache) == 1
+    injection.end_run()
+    assert len(injection.cache) == 0
+    for batch in range(1, 20):
+        injection.prepared([0], [None], batch=batch)
+    assert len(injection.cache) == injection.cache.capacity
+
+
+def test_the_window_is_a_device_factor_equal_to_the_host_decision(ip):
+    """Rows of the injection's own condition follow its window through a 0/1 factor computed on the device;
+    a guider's per-condition rows always act; an open window needs no factor at all."""
+    condition = AttributeCondition(torch.randn(1, 2, 4), start_percent=0.2, end_percent=0.6)
+    injection = Injection(ip, condition, window=condition.sigma_window(lambda percent: 1.0 - percent))
+    own = AttributeCondition(torch.randn(1, 2, 4))
+    prepared = injection.prepared([0, 1], ["x", "y"], batch=2, per_condition={"y": [own]})
+    for sigma in (0.9, 0.8, 0.5, 0.4, 0.1):
+        expected = [1.0 if injection.window.contains(sigma) else 0.0, 1.0]
+        assert prepared.scale_at(torch.tensor([sigma, sigma]))[:, 0].tolist() == expected
+    always = Injection(ip, AttributeCondition(torch.randn(1, 2, 4))).prepared([0], [None], batch=1)
+    assert always.window is None and always.scale_at(torch.tensor([5.0])) is always.scale
+    assert AttributeCondition(torch.zeros(1, 1, 4)).sigma_window(lambda p: 1.0 - p).always
