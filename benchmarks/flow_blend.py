@@ -151,13 +151,13 @@ def measure_runs(size: str = "small", device: str = "cpu", dtype: torch.dtype = 
     samples: dict[str, list[float]] = {name: [] for name in guiders}
     peaks: dict[str, int] = {name: 0 for name in guiders}
     finals: dict[str, torch.Tensor] = {}
-    for round_ in range(repeats + 1):  # variants interleaved; round 0 is warm-up
+    run(guiders["CFG"])  # warm-up: one CFG run (a whole warm-up round would double the cost)
+    for _ in range(repeats):  # variants interleaved round by round
         for name, guider in guiders.items():
             with PeakMemory(device) as memory:
                 seconds = timed(lambda: finals.__setitem__(name, run(guider).float().cpu()), device)
             peaks[name] = max(peaks[name], memory.peak)
-            if round_:
-                samples[name].append(seconds)
+            samples[name].append(seconds)
     base = statistics.median(samples["CFG"])
     rows = []
     for name, values in samples.items():

@@ -20,8 +20,9 @@ benchmarks' tables mean):
    latent's deviation from exact mode.
 
 Peak memory per variant: CUDA's allocator peak on the GPU, the RSS rise on the CPU. Sizes, steps and
-repeats are chosen to take about 4 minutes on an H100 (not yet run there: no GPU has been lent to the
-sessions that wrote it) and about 25 minutes on a quiet 2-core CPU.
+repeats are chosen for about 4–5 minutes on an H100 (an estimate: ~0.3 s per FLUX.1-dev pass at
+1024², two inductor compiles of about a minute each, ~220 guider rows; not yet run there, no GPU has
+been lent to the sessions that wrote it); ``--cpu --cpu-time`` took 8 minutes on a 2-core VM.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from benchmarks import ip_adapter as ip_benchmark
 from benchmarks.timing import clock_name, use_cpu_time
 
 GPU = {"flux": "dev", "encoder": "7b", "dtype": torch.bfloat16, "resolution": 1024, "run_resolution": 1024,
-       "steps": 8, "ip_repeats": 10, "encoder_repeats": 5, "run_repeats": 2, "compile": "inductor"}
+       "steps": 8, "ip_repeats": 8, "encoder_repeats": 5, "run_repeats": 1, "compile": "inductor"}
 CPU = {"flux": "small", "encoder": "small", "dtype": torch.float32, "resolution": 512, "run_resolution": 256,
        "steps": 8, "ip_repeats": 7, "encoder_repeats": 7, "run_repeats": 2, "compile": None}
 

@@ -8,7 +8,7 @@ Config (YAML or JSON; paths relative to the config file)::
     server: http://127.0.0.1:8188
     inputs:                      # where a case goes in the workflow (NODE.INPUT, NODE = id or title)
       reference: 4.image
-      attribute: 5.attributes
+      attribute: 6.attributes
       prompt: Prompt.text
       seed: 11.noise_seed
     seeds: [0]
@@ -129,6 +129,8 @@ def load_config(path: str | Path, server: str | None = None) -> PersonalizationC
     workflow = base / str(data.get("workflow", ""))
     if "workflow" in data and not workflow.is_file():
         problems.append(f"workflow {data['workflow']!r} does not exist (relative to {base})")
+    elif "workflow" in data:
+        problems += _workflow_problems(workflow, inputs)
     known = set(ChatSettings.__dataclass_fields__)
     judge = data.get("judge") or {}
     unknown = sorted(set(judge) - known)
@@ -140,6 +142,23 @@ def load_config(path: str | Path, server: str | None = None) -> PersonalizationC
                                  inputs={k: str(v) for k, v in inputs.items()}, attributes=attributes,
                                  seeds=[int(s) for s in data.get("seeds", [0])],
                                  judge=ChatSettings(**{k: v for k, v in judge.items() if k in known}), base=base)
+
+
+def _workflow_problems(path: Path, inputs: dict) -> list[str]:
+    """Each case input must name an existing NODE.INPUT of the (API-format) workflow."""
+    from ..headless import load_workflow, set_inputs
+
+    try:
+        workflow = load_workflow(path)
+    except (ValueError, OSError) as exc:
+        return [f"workflow: {exc}"]
+    problems = []
+    for key, target in inputs.items():
+        try:
+            set_inputs(json.loads(json.dumps(workflow)), {str(target): ""})
+        except KeyError as exc:
+            problems.append(f"inputs.{key}: {exc.args[0]}")
+    return problems
 
 
 # ---- resumable JSONL ------------------------------------------------------------------------------------
@@ -154,10 +173,14 @@ def read_jsonl(path: Path) -> dict[str, dict]:
         with open(path, "r+b") as handle:
             handle.truncate(len(data))
     records = {}
-    for line in data.decode().splitlines():
+    for number, line in enumerate(data.decode(errors="replace").splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            records[record["case"]] = record
+            try:
+                record = json.loads(line)
+                records[record["case"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EvaluationError(f"{path} line {number} is damaged ({line[:60]!r}): delete that line, its case "
+                                      "is then done again") from None
     return records
 
 

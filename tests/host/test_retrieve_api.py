@@ -99,8 +99,9 @@ def test_folders_outside_input_and_output_and_bad_folders_are_refused(client, gr
     query = client.upload_image(_png(tmp_path))
     rejected = {"../models": "climbs out with '..'", str(comfy_base / "models"): "is an absolute path",
                 "no-such-folder": "is not there in", "no-such-folder [output]": "is not there in"}
-    (comfy_base / "input" / "escape-link").symlink_to(comfy_base / "models", target_is_directory=True)
-    rejected["escape-link"] = "symlink (or passes through one) leading outside"
+    link = f"escape-link-{uuid.uuid4().hex[:6]}"
+    (comfy_base / "input" / link).symlink_to(comfy_base / "models", target_is_directory=True)
+    rejected[link] = "symlink (or passes through one) leading outside"
     for folder, expected in rejected.items():
         with pytest.raises(PromptRejected, match=expected.replace("(", r"\(").replace(")", r"\)")):
             client.run(retrieve_graph(graphs, query, folder, "refused")[0])

@@ -192,6 +192,15 @@ def test_config_problems_are_listed(tmp_path):
     with pytest.raises(EvaluationError) as caught:
         p.load_config(tmp_path / "bench.json")
     message = str(caught.value)
+    (tmp_path / "workflow.api.json").write_text(json.dumps(WORKFLOW))
+    bad = json.loads((tmp_path / "bench.json").read_text())
+    bad.update(workflow="workflow.api.json", inputs={"reference": "4.image", "attribute": "5.attributes",
+                                                     "prompt": "Prompt.txt", "seed": "99.noise_seed"})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(EvaluationError) as caught_inputs:
+        p.load_config(tmp_path / "bad.json")
+    assert "inputs.prompt: --set Prompt.txt: node 6 (CLIPTextEncode) has no input 'txt'" in str(caught_inputs.value)
+    assert "inputs.seed: --set 99.noise_seed: expected NODE.INPUT where NODE is one node id" in str(caught_inputs.value)
     for part in ("inputs.attribute missing", "inputs.seed missing", "attributes[0].prompts missing or empty",
                  "reference image 'no.png' does not exist", "workflow 'missing.api.json' does not exist",
                  "judge: unknown key(s) ['modle']"):
@@ -199,3 +208,12 @@ def test_config_problems_are_listed(tmp_path):
     with pytest.raises(EvaluationError, match="nothing to judge"):
         make_bench(tmp_path, "http://127.0.0.1:9/v1")
         p.judge(p.load_config(tmp_path / "bench.json"), tmp_path / "empty", log=lambda _: None)
+
+
+def test_a_damaged_ledger_line_is_named(tmp_path):
+    ledger = tmp_path / "judgements.jsonl"
+    ledger.write_text('{"case": "a"}\n{"case": oops\n{"case": "c"}\n')
+    with pytest.raises(EvaluationError, match="judgements.jsonl line 2 is damaged .*delete that line"):
+        p.read_jsonl(ledger)
+    ledger.write_text('{"case": "a"}\n{"case": "b"')  # torn last line: cut off, not an error
+    assert list(p.read_jsonl(ledger)) == ["a"] and ledger.read_text() == '{"case": "a"}\n'
