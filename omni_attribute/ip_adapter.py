@@ -78,6 +78,7 @@ class IPBlock(nn.Module):
         self.norm_k = nn.RMSNorm(config.head_dim, eps=1e-6)  # like FLUX's key norm
         nn.init.normal_(self.to_k.weight, std=config.context_dim ** -0.5)
         nn.init.zeros_(self.to_v.weight)  # a fresh adapter leaves the generator unchanged
+        self.stats: list[torch.Tensor] | None = None  # diagnostics (diffusers twin): |IP term| / |attention output|
 
     def keys_values(self, tokens: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B,M,D] → k, v [B,H,M,Dh] on the device and in the dtype of ``like`` (the queries)."""
@@ -125,6 +126,30 @@ class IPAdapter(nn.Module):
         # not `double`/`single`: nn.Module.double() exists
         self.double_blocks = nn.ModuleDict({str(i): IPBlock(config) for i in config.double_blocks})
         self.single_blocks = nn.ModuleDict({str(i): IPBlock(config) for i in config.single_blocks})
+
+    def named_blocks(self) -> list[tuple[str, IPBlock]]:
+        return ([(f"double{i}", b) for i, b in self.double_blocks.items()]
+                + [(f"single{i}", b) for i, b in self.single_blocks.items()])
+
+    def record_stats(self, on: bool) -> None:
+        """Start (clearing) or stop recording each block's |IP term| / |attention output| in the diffusers twin."""
+        for _, block in self.named_blocks():
+            block.stats = [] if on else None
+
+    def stats(self) -> dict[str, float]:
+        """The recorded ratios (mean per block since record_stats(True)), the gradient norm of all IP weights
+        and the mean norm of the value projections (zero when fresh)."""
+        out = {}
+        for name, block in self.named_blocks():
+            if block.stats:
+                out[f"ip_ratio_{name}"] = float(torch.stack(block.stats).mean())
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if grads:
+            out["ip_grad_norm"] = float(torch.stack(grads).norm())
+        blocks = [b for _, b in self.named_blocks()]
+        if blocks:
+            out["ip_value_norm"] = float(torch.stack([b.to_v.weight.detach().float().norm() for b in blocks]).mean())
+        return out
 
     def block(self, kind: str, index: int) -> IPBlock | None:
         table = self.double_blocks if kind == "double" else self.single_blocks
@@ -212,8 +237,10 @@ class OmniAttributeFluxAttnProcessor:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B,H,L,Dh]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask).transpose(1, 2).flatten(2).to(q.dtype)
         if self.ip_block is not None and ip_tokens is not None:
-            out = torch.cat([out[:, :txt_len], out[:, txt_len:] + self.ip_block.contribution(
-                q[:, :, txt_len:], ip_tokens, ip_key_mask, ip_scale, ip_value_scale)], dim=1)
+            term = self.ip_block.contribution(q[:, :, txt_len:], ip_tokens, ip_key_mask, ip_scale, ip_value_scale)
+            if self.ip_block.stats is not None:
+                self.ip_block.stats.append(term.detach().norm() / out[:, txt_len:].detach().norm().clamp_min(1e-12))
+            out = torch.cat([out[:, :txt_len], out[:, txt_len:] + term], dim=1)
         if encoder_hidden_states is None:
             return out
         txt_out, img_out = out[:, :txt_len], out[:, txt_len:]

@@ -62,6 +62,7 @@ def make_pairs(folder: str | Path, count: int, seed: int, size: int = 32,
             "caption_a": caption_without(a, set(shared)), "caption_b": caption_without(b, set(shared)),
             "source": "tiny-world", "id": f"{seed}-{i}",
             "factors_a": a.as_dict(), "factors_b": b.as_dict(), "shared": shared,
+            "labels": [f"{f}={a[f]}" for f in shared],
         })
     path = folder / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")

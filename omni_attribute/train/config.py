@@ -86,6 +86,15 @@ class LossConfig:
     timestep_shift: float = 1.0
     drop_text: float = 0.1                # caption replaced by "" (learns D(E, ∅))
     drop_tokens: float = 0.1              # attribute tokens dropped (learns D(∅, c))
+    # Reconstruction (the original IP-Adapter recipe): with this probability a sample's target is its reference
+    # image itself, with the reference's own caption (dropped with drop_text). Everything the tokens carry is
+    # then in the target, so the IP path gets a strong, consistent signal from the first steps; a warm-up stage
+    # is a run with reconstruct = 1 continued by the paper's pairs through adapter.init_from.
+    reconstruct: float = 0.0
+    # Diagnostic: replace the encoder in Lgen by oracle tokens, one learned vector per pair label (the shared
+    # value of each positive attribute, the records' "labels"); only the IP-Adapter and that table train
+    # (lambda_con must be 0). Measures what the generation path can carry at all (omni_attribute/train/oracle.py).
+    oracle_tokens: bool = False
 
 
 @dataclass
@@ -110,6 +119,9 @@ class RuntimeConfig:
     validate_every: int = 0               # 0: only at the end
     tensorboard: bool = False
     crash_after_step: int = 0             # testing: hard-kill the process after this step (0 = never)
+    # Diagnostics in metrics.jsonl: per IP block the norm of its term relative to the attention output it is
+    # added to, the IP-Adapter's gradient norm and its value projections' weight norm (costs a host read per block)
+    log_ip_stats: bool = False
 
 
 @dataclass
@@ -198,6 +210,11 @@ def check_values(config: TrainConfig) -> None:
     for name, value in (("loss.drop_text", config.loss.drop_text), ("loss.drop_tokens", config.loss.drop_tokens)):
         if not 0 <= value < 1:
             problems.append(f"{name} must be in [0, 1), got {value}")
+    if not 0 <= config.loss.reconstruct <= 1:
+        problems.append(f"loss.reconstruct must be in [0, 1], got {config.loss.reconstruct}")
+    if config.loss.oracle_tokens and (config.loss.lambda_con != 0 or config.loss.lambda_gen <= 0):
+        problems.append("loss.oracle_tokens replaces the encoder in the generative loss only: set loss.lambda_con=0 "
+                        "and loss.lambda_gen > 0")
     if config.loss.tau <= 0:
         problems.append(f"loss.tau must be positive, got {config.loss.tau}")
     if config.loss.attributes_per_pair < 1:

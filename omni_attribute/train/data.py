@@ -6,7 +6,12 @@ JSONL schema, one pair per line (paths relative to the JSONL file's folder unles
      "positive_attributes": ["dog identity", "fur color"],
      "negative_attributes": ["background", "dog pose"],
      "caption_a": "a corgi on a beach", "caption_b": "a corgi on a sofa",
-     "source": "optional provenance", "id": "optional unique id"}
+     "source": "optional provenance", "id": "optional unique id",
+     "labels": ["dog=corgi", "fur=red"]}
+
+``labels`` (optional) names the shared value of each positive attribute, in the same order. Only the
+oracle-token diagnostic (``loss.oracle_tokens``) reads it: it replaces the encoder by a learned token per
+label, to measure what the generation path can carry at all.
 
 ``positive_attributes`` must not be empty (the generative loss encodes all of them);
 ``negative_attributes`` may be empty (that pair then adds no contrastive term). Shards: a list of
@@ -53,6 +58,7 @@ class PairRecord:
     source: str = ""
     id: str = ""
     where: str = ""  # "file:line", for messages
+    labels: list[str] = field(default_factory=list)  # the shared value of each positive attribute (optional)
 
 
 def parse_record(data: object, where: str, base: Path) -> PairRecord:
@@ -75,13 +81,21 @@ def parse_record(data: object, where: str, base: Path) -> PairRecord:
         raise DatasetError(f"{where}: field 'positive_attributes' is empty: a pair needs at least one shared "
                            "attribute (the generative loss encodes all of them)")
 
+    labels = data.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(v, str) and v.strip() for v in labels):
+        raise DatasetError(f"{where}: field 'labels' must be a list of non-empty strings")
+    if labels and len(labels) != len(data["positive_attributes"]):
+        raise DatasetError(f"{where}: field 'labels' has {len(labels)} entries for {len(data['positive_attributes'])} "
+                           "positive attributes: give one label per positive attribute, in the same order")
+
     def resolve(p: str) -> Path:
         path = Path(p)
         return path if path.is_absolute() else base / path
 
     return PairRecord(resolve(data["image_a"]), resolve(data["image_b"]),
                       [a.strip() for a in data["positive_attributes"]], [a.strip() for a in data["negative_attributes"]],
-                      data["caption_a"], data["caption_b"], str(data.get("source", "")), str(data.get("id", "")), where)
+                      data["caption_a"], data["caption_b"], str(data.get("source", "")), str(data.get("id", "")), where,
+                      [v.strip() for v in labels])
 
 
 def shard_files(spec: str | list[str]) -> list[Path]:

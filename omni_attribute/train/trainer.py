@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .data import (PairDataset, PairSample, StreamingPairs, check_images_exist, choose_attribute_sets,
                    choose_attributes, collate, iter_records, shard_files)
 from .generator import Generator, build_generator
+from .oracle import ORACLE_FILE, OracleTokens
 from .losses import (contrastive_loss, delta_pos_neg, flow_matching_loss, in_batch_contrastive_loss, noisy_latents,
                      sample_timesteps)
 
@@ -46,9 +47,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class OmniAttributeModel(nn.Module):
     """E (frozen MLLM + LoRA + connector) and D (frozen DiT + IP-Adapter); forward returns the losses."""
 
-    def __init__(self, encoder: AttributeEncoder, generator: Generator, config: TrainConfig):
+    def __init__(self, encoder: AttributeEncoder, generator: Generator, config: TrainConfig,
+                 oracle: OracleTokens | None = None):
         super().__init__()
-        self.encoder, self.generator, self.config = encoder, generator, config
+        self.encoder, self.generator, self.config, self.oracle = encoder, generator, config, oracle
         self.shared_prefix = not config.runtime.gradient_checkpointing  # HF turns the KV cache off under checkpointing
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -66,11 +68,14 @@ class OmniAttributeModel(nn.Module):
             record = sample.record
             positives, negatives = choose_attribute_sets(record, rng, cfg.attributes_per_pair)
             ref_is_a = rng.random() < 0.5
+            reconstruct = need_gen and rng.random() < cfg.reconstruct
             joint = format_instruction(record.positive_attributes, template)
             contrast = [format_instruction([a], template) for a in positives + negatives] if need_con and negatives else []
             rows = {}
+            if self.oracle is not None:  # the diagnostic: ground-truth tokens instead of the encoder (no Lcon)
+                ref_tokens.append(self.oracle([record.labels])[0])
             for name, image, is_ref in (("x", sample.image_a, ref_is_a), ("y", sample.image_b, not ref_is_a)):
-                instructions = ([joint] if need_gen and is_ref else []) + contrast
+                instructions = ([joint] if need_gen and is_ref and self.oracle is None else []) + contrast
                 if not instructions:
                     continue
                 tokens, pool = self.encoder.encode_image(image[None].to(device), instructions, self.shared_prefix)
@@ -86,8 +91,9 @@ class OmniAttributeModel(nn.Module):
                                          ("yn", rows["y"][j])):
                             pooled[key].append(row)
             if need_gen:
-                targets.append(sample.image_b if ref_is_a else sample.image_a)
-                caption = record.caption_b if ref_is_a else record.caption_a
+                target_is_a = ref_is_a == reconstruct  # reconstruction: the target is the reference itself
+                targets.append(sample.image_a if target_is_a else sample.image_b)
+                caption = record.caption_a if target_is_a else record.caption_b
                 captions.append("" if rng.random() < cfg.drop_text else caption)
         zero = torch.zeros((), device=device)
         lgen, lcon = zero, zero
@@ -123,6 +129,13 @@ def preflight(config: TrainConfig) -> tuple[list, dict]:
     if not records:
         raise ValueError(f"no pairs in {config.data.pairs}")
     check_images_exist(records)
+    if config.loss.oracle_tokens:
+        if config.data.streaming:
+            raise ValueError("loss.oracle_tokens reads its vocabulary from every record: set data.streaming=false")
+        unlabelled = [r.where for r in records if not r.labels]
+        if unlabelled:
+            raise ValueError(f"loss.oracle_tokens needs a 'labels' list in every pair record; {len(unlabelled)} have "
+                             f"none (first: {unlabelled[0]})")
     backbone_info = backbone_info_from_config(read_folder_config(config.backbone.path), config.backbone.path)
     if config.adapter.init_from:
         check_backbone(read_adapter_metadata(config.adapter.init_from), backbone_info,
@@ -132,7 +145,7 @@ def preflight(config: TrainConfig) -> tuple[list, dict]:
     return records, backbone_info
 
 
-def build_model(config: TrainConfig, backbone_info: dict) -> OmniAttributeModel:
+def build_model(config: TrainConfig, backbone_info: dict, records: list = ()) -> OmniAttributeModel:
     dtype = DTYPES[config.backbone.dtype]
     backbone = load_backbone(config.backbone.path, dtype=dtype)
     torch.manual_seed(config.seed)
@@ -152,7 +165,12 @@ def build_model(config: TrainConfig, backbone_info: dict) -> OmniAttributeModel:
         generator.transformer.enable_gradient_checkpointing()
     for param in generator.ip.parameters():
         param.requires_grad_(True)
-    model = OmniAttributeModel(encoder, generator, config)
+    oracle = None
+    if config.loss.oracle_tokens:
+        encoder.requires_grad_(False)  # not used: only the IP-Adapter and the oracle table train
+        oracle = OracleTokens([label for r in records for label in r.labels], config.adapter.num_tokens,
+                              generator.layout.context_dim)
+    model = OmniAttributeModel(encoder, generator, config, oracle)
     for param in model.parameters():
         if param.requires_grad:  # trainable parts stay fp32 (AdamW on bf16 weights loses small updates)
             param.data = param.data.float()
@@ -195,7 +213,7 @@ def export_adapter(model: OmniAttributeModel, path: Path, extra: dict,
                 if fqn in tensors:
                     used.add(fqn)
                 sections[section][key] = tensors.get(fqn, value.detach())
-        if used != set(tensors):
+        if used != {name for name in tensors if not name.startswith("oracle.")}:
             raise ValueError(f"trainable tensors outside the adapter's sections: {sorted(set(tensors) - used)[:5]}")
     save_adapter(path, metadata, sections)
 
@@ -376,7 +394,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     output.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    model = build_model(config, backbone_info).to(accelerator.device)
+    model = build_model(config, backbone_info, records).to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ip_params = {id(p) for p in model.generator.ip.parameters()}
     groups = [{"params": [p for p in trainable if id(p) not in ip_params]},
@@ -433,9 +451,15 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         if empty:
             state["skipped_batches"] += 1
             continue
+        ip = accelerator.unwrap_model(wrapped).generator.ip
+        if config.runtime.log_ip_stats:
+            ip.record_stats(True)
         with accelerator.accumulate(wrapped):
             out = wrapped(batch, step_seed)
             accelerator.backward(out["loss"])
+            if config.runtime.log_ip_stats:  # before clipping: the gradient as the loss gives it
+                out.update({k: torch.tensor(v) for k, v in ip.stats().items()})
+                ip.record_stats(False)
             if accelerator.sync_gradients and config.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(clip_params(), config.optim.grad_clip)  # FSDP: its own (global) norm
             optimizer.step()
@@ -449,7 +473,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         bar.update(1)
         bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
         if step % config.runtime.log_every == 0 or step == config.optim.max_steps:
-            means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            means = {k: sum(values) / len(values) for k in window[0] for values in [[w[k] for w in window if k in w]]}
             if world > 1:  # averaged over the ranks
                 values = accelerator.reduce(torch.tensor(list(means.values()), dtype=torch.float64, device=accelerator.device),
                                             "mean")
@@ -476,6 +500,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     tensors, _ = gather_training_state(wrapped)  # collective; the full tensors land on the main process
     if accelerator.is_main_process:
         export_adapter(final, adapter_path, summary, tensors)
+        if final.oracle is not None:
+            final.oracle.load_state_dict({k.removeprefix("oracle."): v for k, v in tensors.items()
+                                          if k.startswith("oracle.")})
+            final.oracle.save(output / ORACLE_FILE)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     if state["skipped_samples"]:
