@@ -31,7 +31,7 @@ from omni_attribute.images import pil_to_tensor
 
 from .world.factors import caption_without, sample_assignment
 from .world.judge import load_judge
-from .world.pipeline import OMNI, render_table, run_benchmark
+from .world.pipeline import ATTRIBUTE_SCALE, OMNI, render_table, run_benchmark
 from .world.render import render
 
 WORKFLOW = REPO / "lab" / "workflows" / "tiny_world_compose.api.json"
@@ -89,11 +89,12 @@ def draw_grid(cases: list[dict], out: Path) -> Path:
         cells += [Image.open(case[k]).convert("RGB").resize((CELL, CELL), Image.NEAREST) for k in ("text_only", "omni")]
         for c, cell in enumerate(cells):
             grid.paste(cell, (c * CELL, y))
-        seen = case["judged_omni"]
+        text, omni = case["judged_text_only"], case["judged_omni"]
         lines = [f"asked: colour of ref 1 ({case['references'][0]['color']}), background of ref 2 "
                  f"({case['references'][1]['background']})",
                  f"prompt: {case['prompt']}",
-                 f"judge reads: colour {seen['color']}, background {seen['background']}"]
+                 f"judge reads: text only {text['color']} / {text['background']}; "
+                 f"Omni-Attribute {omni['color']} / {omni['background']}"]
         for k, text in enumerate(lines):
             draw.text((4, y + CELL + 2 + 13 * k), text, fill="black")
     path = out / "tiny_world_grid.png"
@@ -105,7 +106,7 @@ def run_cases(server_url: str, cases: list[dict], out: Path) -> None:
     client = ComfyClient(server_url, timeout=600)
     workflow = load_workflow(WORKFLOW)
     for i, case in enumerate(cases):
-        for key, weight in (("omni", 1.0), ("text_only", 0.0)):
+        for key, weight in (("omni", ATTRIBUTE_SCALE), ("text_only", 0.0)):
             prompt = set_inputs(json.loads(json.dumps(workflow)), {
                 "2.image": str(case["paths"][0]), "3.image": str(case["paths"][1]), "4.backbone": BACKBONE,
                 "4.adapter": ADAPTER, "1.generator": GENERATOR, "11.adapter": ADAPTER, "9.text": case["prompt"],

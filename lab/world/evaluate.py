@@ -105,6 +105,12 @@ def composition_scores(judged: list[dict], references: list[list[Assignment]], a
     return sum(hits) / len(hits)
 
 
+def composition_all(judged: list[dict], references: list[list[Assignment]], asked: list[list[str]]) -> float:
+    """Fraction of cases whose image carries every asked attribute at once."""
+    return sum(all(seen[f] == ref[f] for ref, f in zip(refs, fs))
+               for seen, refs, fs in zip(judged, references, asked)) / len(judged)
+
+
 def selectivity(retrieval_rows: dict[str, dict]) -> float:
     """How much more the embedding under a factor's name retrieves that factor than the others, both
     measured above chance, averaged over factors. 0 for an encoder blind to the attribute text (the

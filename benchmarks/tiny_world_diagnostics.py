@@ -1,0 +1,170 @@
+"""Why the generation half does (not) transfer: the diagnostics of issue 12, in the tiny attribute world.
+
+    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--size ci|full] [--work DIR]
+
+Every experiment trains with omni-attribute-train's trainer on the world's frozen generator (the stages of
+benchmarks/tiny_world.py, cached in the same --work folder and shared with it), with the IP statistics on
+(runtime.log_ip_stats), then evaluates personalization and composition with the world's judge:
+
+- oracle: the encoder replaced by ground-truth tokens (loss.oracle_tokens: one learned vector per
+  (factor, value) of the reference's shared factors, the adapter's token count and width); only the
+  IP-Adapter and that table train, with Lgen. What the generation path can carry at all.
+- oracle-reconstruction: the same with reference = target (loss.reconstruct=1).
+- reconstruction: the real encoder, Lgen only, reference = target (the original IP-Adapter recipe).
+- omni: the Omni-Attribute recipe of the benchmark table (Lgen + Lcon), for comparison.
+
+For each: attribute fidelity (± its binomial standard error), copy-paste and composition against the
+text-only baseline and the text ceiling (prompts that name the reference's value); Lgen on training pairs
+with the tokens and with them dropped (how much of Lgen the tokens explain); over training, the IP term's
+norm relative to the attention output per block, the IP gradient norm and the value projections' norm.
+Writes diagnostics.json into --work and prints a table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's library, whatever the venv points at
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from lab.world.judge import load_judge
+from lab.world.pipeline import (ENCODER_SETTINGS, OMNI, REPO, SIZES, TRAIN_CONFIG, VARIANTS, evaluate, train_world)
+from lab.world.pairs import read_images
+from omni_attribute.images import load_rgb_batch
+from omni_attribute.train.config import load_config
+from omni_attribute.train.data import PairDataset, iter_records, shard_files
+from omni_attribute.train.oracle import ORACLE_FILE
+from omni_attribute.train.trainer import build_model, latest_checkpoint, preflight, train
+
+LGEN_ONLY = ["loss.lambda_gen=1.0", "loss.lambda_con=0.0"]
+EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
+    "oracle": ([*LGEN_ONLY, "loss.oracle_tokens=true"], 1500),
+    "oracle-reconstruction": ([*LGEN_ONLY, "loss.oracle_tokens=true", "loss.reconstruct=1"], 1500),
+    "reconstruction": ([*LGEN_ONLY, "loss.reconstruct=1"], 200),
+    "omni": (VARIANTS[OMNI], 200),
+}
+
+
+def lgen_with_and_without_tokens(config, pairs: int = 64) -> dict[str, float]:
+    """Lgen of the trained model on the first training pairs, the same noise and timesteps, with the reference
+    tokens at weight 1 and at weight 0: the gap is the part of Lgen the tokens explain."""
+    records, info = preflight(config)
+    model = build_model(config, info, records)
+    model.load_state_dict(load_file(str(latest_checkpoint(config) / "trainable.safetensors")), strict=False)
+    dataset = PairDataset(records[:pairs], config.data.image_size)
+    out = {}
+    for name, drop in (("lgen_with_tokens", 0.0), ("lgen_without_tokens", 1.0)):
+        model.config = copy.deepcopy(config)
+        model.config.loss.drop_tokens = drop  # 1.0 is outside what a config may say: every row's tokens dropped
+        with torch.no_grad():
+            losses = [float(model([dataset[i], dataset[i + 1]], step_seed=4321 + i)["lgen"])
+                      for i in range(0, len(dataset) - 1, 2)]
+        out[name] = sum(losses) / len(losses)
+    return out
+
+
+def ip_curve(metrics_path: Path, points: int = 5) -> list[dict]:
+    """A few evenly spaced rows of the run's metrics: step, Lgen, mean IP ratio over blocks, IP grad and value norm."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    picked = [rows[round(i * (len(rows) - 1) / (points - 1))] for i in range(points)] if len(rows) >= points else rows
+    curve = []
+    for r in picked:
+        ratios = [v for k, v in r.items() if k.startswith("ip_ratio_")]
+        curve.append({"step": r["step"], "lgen": r["lgen"], "ip_ratio": sum(ratios) / max(1, len(ratios)),
+                      "ip_ratio_max": max(ratios, default=0.0), "ip_grad_norm": r.get("ip_grad_norm"),
+                      "ip_value_norm": r.get("ip_value_norm")})
+    return curve
+
+
+def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: int, log=print,
+        train_seed: int | None = None, out: Path | None = None) -> dict:
+    """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed)."""
+    train_seed = seed if train_seed is None else train_seed
+    models, info = train_world(size_name, work, seed, variants={}, log=log)
+    size = SIZES[size_name]
+    data = Path(info["held_out"]).parents[1]
+    held_out = read_images(Path(info["held_out"]))
+    judge = load_judge(models.judge)
+    images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
+    report = {"size": size_name, "seed": seed, "train_seed": train_seed, "stages": info["stages"], "experiments": {}}
+    text_only = None
+    for name in names:
+        overrides, default_steps = EXPERIMENTS[name]
+        n = steps or default_steps
+        run_dir = work / (f"diagnostic-{name}-{n}" + ("" if train_seed == seed else f"-seed{train_seed}"))
+        config = load_config(TRAIN_CONFIG, [
+            f"output_dir={run_dir}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}", "data.validation_pairs=null",
+            f"backbone.path={models.backbone}", "generator.kind=tiny", f"generator.path={models.generator}",
+            f"optim.max_steps={n}", f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
+            f"runtime.checkpoint_every={n}", "runtime.log_every=25", "runtime.log_ip_stats=true", f"seed={train_seed}",
+            *ENCODER_SETTINGS, *overrides])
+        started = time.time()
+        if not (run_dir / "summary.json").is_file():
+            log(f"[{name}] training {n} steps in {run_dir}")
+            train(config, resume=False, progress=False)
+        else:
+            log(f"[{name}] cached: reusing {run_dir}")
+        oracle = run_dir / ORACLE_FILE if config.loss.oracle_tokens else None
+        row = evaluate(run_dir / "adapter.safetensors", models.backbone, models.generator, judge, images, truth,
+                       size["eval_cases"], seed, text_only, oracle)
+        text_only = row["text_only_baseline"]
+        row.update(steps=n, overrides=overrides, seconds=round(time.time() - started),
+                   lgen=lgen_with_and_without_tokens(config), curve=ip_curve(run_dir / "metrics.jsonl"))
+        report["experiments"][name] = row
+        log(f"[{name}] {json.dumps(row['summary'])}")
+    report["text_only_baseline"] = text_only
+    (out or work / "diagnostics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def render(report: dict) -> str:
+    base = report["text_only_baseline"]
+    lines = [f"Generation diagnostics — tiny world size {report['size']}, seed {report['seed']}, training seed "
+             f"{report.get('train_seed', report['seed'])}", "",
+             f"Text only: attribute fidelity {base['attribute_fidelity']:.3f}, copy-paste {base['copy_paste']:.3f}; "
+             f"text ceiling (prompt names the value) {base['text_ceiling']:.3f}; composition 2 refs "
+             f"{base['composition_2']:.3f} (both {base['composition_2_all']:.3f}).", "",
+             "| experiment | steps | attribute fidelity | copy-paste | composition 2 refs (both) | Lgen with / without tokens "
+             "| IP ratio mean (max) at end | IP grad norm | IP value norm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in report["experiments"].items():
+        s, end, lg = row["summary"], row["curve"][-1], row["lgen"]
+        lines.append(f"| {name} | {row['steps']} | {s['attribute_fidelity']:.3f} ± {s['attribute_fidelity_spread']:.3f} | "
+                     f"{s['copy_paste']:.3f} | {s['composition_2']:.3f} ({s['composition_2_all']:.3f}) | "
+                     f"{lg['lgen_with_tokens']:.4f} / {lg['lgen_without_tokens']:.4f} | {end['ip_ratio']:.3f} "
+                     f"({end['ip_ratio_max']:.3f}) | {end['ip_grad_norm']:.3g} | {end['ip_value_norm']:.3g} |")
+    lines += ["", "Over training (step: Lgen, mean IP ratio, IP grad norm, IP value norm):", ""]
+    for name, row in report["experiments"].items():
+        points = "; ".join(f"{c['step']}: {c['lgen']:.4f}, {c['ip_ratio']:.3f}, {c['ip_grad_norm']:.3g}, "
+                           f"{c['ip_value_norm']:.3g}" for c in row["curve"])
+        lines.append(f"- {name}: {points}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", action="append", choices=list(EXPERIMENTS), default=None,
+                        help="repeat for several (default: all)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of every experiment (default: its own)")
+    parser.add_argument("--size", choices=list(SIZES), default="ci")
+    parser.add_argument("--work", type=Path, default=None, help="stage cache (default runs/tiny-world-ci or runs/tiny-world)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world's stages")
+    parser.add_argument("--train-seed", type=int, default=None, help="seed of the experiments' training (default: --seed)")
+    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: WORK/diagnostics.json)")
+    args = parser.parse_args()
+    work = (args.work or REPO / "runs" / ("tiny-world-ci" if args.size == "ci" else "tiny-world")).resolve()
+    report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
+                 log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out)
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()
