@@ -26,15 +26,10 @@ import random
 import sys
 from pathlib import Path
 
+from ..command_line import run_command
+from ..config_files import config_keys, dump_config
 from ..errors import OmniAttributeError
-from .config import (
-    AnnotateConfig,
-    FinetuneConfig,
-    config_keys,
-    dump_config,
-    load_annotate_config,
-    load_finetune_config,
-)
+from .config import AnnotateConfig, FinetuneConfig, load_annotate_config, load_finetune_config
 from .errors import AnnotateError, EndpointError
 
 
@@ -277,17 +272,9 @@ COMMANDS = {"pairs": command_pairs, "run": command_run, "export": command_export
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return COMMANDS[args.command](args)
-    except EndpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (OmniAttributeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: what was written is kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command(lambda: COMMANDS[args.command](args),
+                       [(EndpointError, 1), ((OmniAttributeError, ValueError, FileNotFoundError), 2)],
+                       "interrupted: what was written is kept; run the same command again to resume")
 
 
 if __name__ == "__main__":

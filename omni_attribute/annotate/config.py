@@ -1,15 +1,13 @@
 """Configurations of annotation runs and of the expert's fine-tuning: YAML (or JSON) files with
-``section.key=value`` overrides, the same conventions as the trainer's (paths relative to the file)."""
+``section.key=value`` overrides, read like the trainer's (``omni_attribute.config_files``; paths relative to
+the file)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from ..config_files import apply_overrides, build_dataclass, read_config_file
 from .errors import AnnotateError
 
 DEFAULT_MAX_PIXELS = 448 * 448     # at most 16 x 16 = 256 image tokens per image (Qwen2.5-VL: one token per 28 x 28)
@@ -145,48 +143,11 @@ class FinetuneConfig:
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    defaults = cls()
-    values = {}
-    for name, value in data.items():
-        default = getattr(defaults, name)
-        values[name] = _build(type(default), value, f"{where}.{name}") if is_dataclass(default) else value
-    return cls(**values)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {override!r}: write section.key=value, e.g. endpoint.concurrency=8")
-        target = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
-        target[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def read_config_file(path: str | Path | None) -> tuple[dict, Path]:
-    """The mapping in a YAML/JSON file (empty without a file) and the folder relative paths start from."""
-    if path is None:
-        return {}, Path.cwd()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name} is not valid YAML: {exc}") from exc
-    return data, path.parent
+def _load(cls, path: str | Path | None, overrides: list[str]):
+    """The config dataclass from a file (or the defaults) and overrides, and the folder paths start from."""
+    data, base = read_config_file(path, ConfigError)
+    data = apply_overrides(data, list(overrides), ConfigError, example="endpoint.concurrency=8")
+    return build_dataclass(cls, data, Path(path).name if path else "config", ConfigError), base
 
 
 def _resolve(value, base: Path):
@@ -198,8 +159,7 @@ def _resolve(value, base: Path):
 
 
 def load_annotate_config(path: str | Path | None = None, overrides: list[str] = ()) -> AnnotateConfig:
-    data, base = read_config_file(path)
-    config = _build(AnnotateConfig, apply_overrides(data, list(overrides)), Path(path).name if path else "config")
+    config, base = _load(AnnotateConfig, path, overrides)
     config.local.model_path = _resolve(config.local.model_path, base)
     config.local.adapter = _resolve(config.local.adapter, base)
     check_annotate_config(config)
@@ -246,8 +206,7 @@ def check_image_budget(min_pixels, max_pixels, section: str, problems: list[str]
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
-    data, base = read_config_file(path)
-    config = _build(FinetuneConfig, apply_overrides(data, list(overrides)), Path(path).name)
+    config, base = _load(FinetuneConfig, path, overrides)
     config.output_dir = _resolve(config.output_dir, base)
     config.backbone.path = _resolve(config.backbone.path, base)
     config.data.conversations = _resolve(config.data.conversations, base)
@@ -277,22 +236,3 @@ def check_finetune_config(config: FinetuneConfig) -> None:
     check_image_budget(config.data.min_pixels, config.data.max_pixels, "data", problems)
     if problems:
         raise ConfigError("invalid fine-tuning config:\n  " + "\n  ".join(problems))
-
-
-def dump_config(config) -> str:
-    return json.dumps(asdict(config), indent=2, default=str)
-
-
-def config_keys(config) -> list[str]:
-    """``section.key = default`` lines of a config dataclass (for --help)."""
-    lines = []
-
-    def walk(obj, prefix: str) -> None:
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                lines.append(f"  {prefix}{f.name} = {value!r}")
-    walk(config, "")
-    return lines

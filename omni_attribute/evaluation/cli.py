@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..command_line import run_command
 from ..errors import OmniAttributeError
 
 
@@ -102,14 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "k", 1) < 1:
         print("error: --k must be at least 1", file=sys.stderr)
         return 2
-    try:
-        return args.run(args)
-    except OmniAttributeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished cases are saved; run the same command again to go on", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.run(args), [(OmniAttributeError, 1)],
+                       "interrupted: finished cases are saved; run the same command again to go on")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ an OpenAI-compatible endpoint on attribute fidelity, text fidelity and naturalne
 
 Config (YAML or JSON; paths relative to the config file)::
 
-    workflow: ../workflows/personalize_attribute.api.json
+    workflow: ../api_workflows/personalize_attribute.api.json
     server: http://127.0.0.1:8188
     inputs:                      # where a case goes in the workflow (NODE.INPUT, NODE = id or title)
       reference: 4.image
@@ -277,8 +277,8 @@ async def _judge_all(config: PersonalizationConfig, out: Path, generations: dict
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
             raise errors[0]
-        log(f"[eval] judge requests: {client.stats['requests']}, retries: {client.stats['retries']}, "
-            f"rate limited: {client.stats['rate_limited']}")
+        log(f"[eval] judge requests: {client.stats.requests}, retries: {client.stats.retried}, "
+            f"rate limited: {client.stats.rate_limited}")
     if failures:
         raise EvaluationError(f"{len(failures)} case(s) could not be judged (first: {failures[0]}); the others are "
                               "saved: run the same command again to retry those")

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..command_line import run_command
 from ..errors import OmniAttributeError
 from .paths import FolderAccessError, list_images, read_image_list
 from .search import KINDS, AnnSettings
@@ -174,14 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "k", 1) < 1 or getattr(args, "batch", 1) < 1:
         print("error: --k and --batch must be at least 1", file=sys.stderr)
         return 2
-    try:
-        return args.run(args)
-    except OmniAttributeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; run the same build again to go on", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.run(args), [(OmniAttributeError, 1)],
+                       "interrupted: finished shards are kept; run the same build again to go on")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..adapter_file import AdapterMetadata
+from ..config_files import apply_overrides, build_dataclass, read_config_file
 from ..connector import ConnectorConfig
 from ..errors import OmniAttributeError
 from ..lora import DEFAULT_TARGETS
@@ -141,40 +140,14 @@ class TrainConfig:
 
 
 def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    values = {}
-    for name, value in data.items():
-        default = getattr(cls(), name) if name in known else None
-        if is_dataclass(default):
-            values[name] = _build(type(default), value, f"{where}.{name}")
-        else:
-            values[name] = value
-    return cls(**values)
+    return build_dataclass(cls, data, where, ConfigError)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML/JSON config; ``overrides`` are 'section.key=value' strings (value parsed as YAML)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name} is not valid YAML: {exc}") from exc
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ConfigError(f"override {override!r}: write section.key=value")
-        target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = yaml.safe_load(raw)
+    data, _ = read_config_file(path, ConfigError)
+    apply_overrides(data, list(overrides), ConfigError)
     config = _build(TrainConfig, data, path.name)
     base = path.parent
     for section, key in (("backbone", "path"), ("generator", "path"), ("adapter", "init_from")):

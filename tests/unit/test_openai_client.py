@@ -38,7 +38,7 @@ def ask(judge: OracleJudge, count: int, **settings) -> tuple[list[str], dict]:
 def test_concurrency_is_bounded_and_replies_are_read():
     with OracleJudge(delay_s=0.1) as judge:
         replies, stats = ask(judge, 8, concurrency=3)
-        assert judge.max_in_flight == 3 and stats["requests"] == 8
+        assert judge.max_in_flight == 3 and stats.requests == 8
         assert [parse_score(r) for r in replies] == [0.0] * 8  # a flat grey image: no spread, naturalness 0
 
 
