@@ -21,21 +21,12 @@ from .config import dump_config, load_config
 
 def config_keys_help() -> str:
     """Every config key with its default, generated from the config dataclasses."""
-    from dataclasses import fields, is_dataclass
 
     from .config import TrainConfig
 
-    lines = ["config keys (section.key = default):"]
+    from ..config_files import config_keys
 
-    def walk(obj, prefix: str) -> None:
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                lines.append(f"  {prefix}{f.name} = {value!r}")
-    walk(TrainConfig(), "")
-    return "\n".join(lines)
+    return "\n".join(["config keys (section.key = default):", *config_keys(TrainConfig())])
 
 
 def build_parser() -> argparse.ArgumentParser:
