@@ -6,7 +6,7 @@
    the tiny Qwen2.5-VL backbone, the tiny FLUX generator and the four encoders of the benchmark, and
    evaluates them (the benchmark table, ``lab.world.pipeline``).
 2. Lays the trained files out as ComfyUI model folders, starts ComfyUI with the plugin and runs the
-   shipped workflow ``workflows/tiny_world_compose.api.json`` headlessly (``omni_attribute.headless``) on
+   laboratory workflow ``lab/workflows/tiny_world_compose.api.json`` headlessly (``omni_attribute.headless``) on
    held-out cases: the object colour from one reference, the background from a second, the rest from
    the prompt; each case also once with the attribute weights at 0 (text only), for comparison.
 3. Reads every output back with the world's judge and writes ``tiny_world_grid.png`` (references,

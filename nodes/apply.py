@@ -36,6 +36,7 @@ from omni_attribute.injection import AttributeCondition, Injection, PreparedPlan
 from omni_attribute.ip_adapter import IPAdapter, IPBlock, load_ip_adapter
 
 from . import folders, inputs
+from .search import schema
 from .sockets import Embeds
 
 # transformer_options keys shared between the patches of one forward pass
@@ -273,12 +274,13 @@ def ip_patcher(ip: IPAdapter, model) -> comfy.model_patcher.ModelPatcher:
 class ApplyOmniAttribute(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeApply",
             display_name="Apply Omni-Attribute",
             category="Omni-Attribute",
-            description=("Injects attribute embeddings into a FLUX.1 model through the adapter's IP-Adapter "
-                         "(returns a patched copy; the input MODEL is left unchanged). Chain several to stack."),
+            description=("Attribute transfer from a reference image (personalization): injects attribute "
+                         "embeddings into a FLUX.1 model through the adapter's IP-Adapter (returns a patched copy; "
+                         "the input MODEL is left unchanged). Chain several to stack."),
             inputs=[
                 io.Model.Input("model"),
                 Embeds.Input("embeds"),

@@ -11,6 +11,7 @@ from omni_attribute.embeds import load_embeds, save_embeds
 from omni_attribute.errors import EmbedsFileError, InputError
 
 from . import folders, inputs
+from .search import schema
 from .sockets import Embeds
 
 CATEGORY = "Omni-Attribute"
@@ -19,12 +20,13 @@ CATEGORY = "Omni-Attribute"
 class SaveOmniAttributeEmbeds(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeSaveEmbeds",
             display_name="Save Omni-Attribute Embeds",
             category=CATEGORY,
-            description=("Writes embeds to output/omni_attribute_embeds/<prefix>_00001_.safetensors (Load "
-                         "Omni-Attribute Embeds lists them); never replaces an existing file, the counter moves on."),
+            description=("Saves attribute embeddings to output/omni_attribute_embeds/<prefix>_00001_.safetensors "
+                         "(Load Omni-Attribute Embeds lists them); never replaces an existing file, the counter "
+                         "moves on."),
             is_output_node=True,
             inputs=[
                 Embeds.Input("embeds"),
@@ -92,11 +94,12 @@ def save_new(embeds, filename_prefix: str) -> tuple[dict, str]:
 class LoadOmniAttributeEmbeds(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeLoadEmbeds",
             display_name="Load Omni-Attribute Embeds",
             category=CATEGORY,
-            description="Reads embeds saved by Save Omni-Attribute Embeds (output/ or input/omni_attribute_embeds).",
+            description=("Loads attribute embeddings saved by Save Omni-Attribute Embeds (.safetensors in output/ or "
+                         "input/omni_attribute_embeds), to reuse them without loading the encoder."),
             inputs=[io.Combo.Input("embeds_file", options=folder_paths.get_filename_list(folders.EMBEDS))],
             outputs=[Embeds.Output(display_name="embeds")],
         )

@@ -13,6 +13,7 @@ from omni_attribute.prompt import parse_attribute_text
 
 from . import folders, inputs
 from .model_management import EncoderHandle, pick_devices, pick_dtype
+from .search import schema
 from .sockets import Embeds, Encoder
 
 CATEGORY = "Omni-Attribute"
@@ -24,11 +25,12 @@ ADAPTER_WHAT = "Omni-Attribute adapter .safetensors file"
 class LoadOmniAttributeEncoder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeEncoderLoader",
             display_name="Load Omni-Attribute Encoder",
             category=CATEGORY,
-            description="Loads a Qwen2.5-VL backbone folder and an Omni-Attribute adapter (LoRA + connector).",
+            description=("Loads the attribute encoder: a Qwen2.5-VL backbone folder (the vision-language model, MLLM) "
+                         "and an Omni-Attribute adapter (LoRA + connector)."),
             inputs=[
                 io.Combo.Input("backbone", options=folders.list_backbones(),
                                tooltip="HF-format Qwen2.5-VL folder in models/omni_attribute_backbones or models/LLM"),
@@ -62,12 +64,13 @@ class LoadOmniAttributeEncoder(io.ComfyNode):
 class OmniAttributeEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeEncode",
             display_name="Omni-Attribute Encode",
             category=CATEGORY,
-            description=("Embeds only the named attribute(s) of each image. One line = one embedding; "
-                         "commas combine attributes in one instruction ('man identity, man hairstyle')."),
+            description=("Encodes each reference image into an attribute embedding of only the named attribute(s), "
+                         "not a whole-image embedding. One line = one embedding; commas combine attributes in one "
+                         "instruction ('man identity, man hairstyle')."),
             inputs=[
                 Encoder.Input("encoder"),
                 io.Image.Input("image", tooltip="one or more reference images (a batch gives one row per image and line)"),

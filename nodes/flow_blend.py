@@ -33,6 +33,7 @@ from .apply import (
     load_ip,
     sigma_window,
 )
+from .search import schema
 from .sockets import Embeds, Stack
 
 CATEGORY = "Omni-Attribute"
@@ -142,13 +143,14 @@ class FlowBlendGuider(comfy.samplers.CFGGuider):
 class OmniAttributeStack(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeStack",
             display_name="Omni-Attribute Stack",
             category=CATEGORY,
-            description=("Adds (embeds, weight, schedule) conditions to a list for the flow-blend guider: one for all "
-                         "rows of the embeds, or one per row. 'stack' and 'stack_2' merge two lists, so large "
-                         "compositions can be built as a tree instead of a long chain."),
+            description=("Adds (embeds, weight, schedule) conditions to a list for the flow blend guider, the "
+                         "composition of multiple attributes: one for all rows of the embeds, or one per row. "
+                         "'stack' and 'stack_2' merge two lists, so large compositions can be built as a tree "
+                         "instead of a long chain."),
             inputs=[
                 Embeds.Input("embeds",
                              tooltip="its rows act together as one condition, or each row on its own ('rows')"),
@@ -193,13 +195,14 @@ class OmniAttributeStack(io.ComfyNode):
 class OmniAttributeFlowBlendGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeFlowBlendGuider",
             display_name="Omni-Attribute Flow Blend Guider",
             category=CATEGORY,
-            description=("Composes several attributes with the paper's rule v* = D(∅,∅) + s_T·(D(∅,c) − D(∅,∅)) + "
-                         "Σ w_i·(D(E_i,∅) − D(∅,∅)): N + 2 evaluations per step, batched. 'joint' is a cheaper "
-                         "approximation: one pass with all attribute tokens plus ordinary guidance."),
+            description=("A guider for SamplerCustomAdvanced on FLUX.1 (composition of multiple attributes): "
+                         "composes them with the paper's rule v* = D(∅,∅) + s_T·(D(∅,c) − D(∅,∅)) + "
+                         "Σ w_i·(D(E_i,∅) − D(∅,∅)), N + 2 evaluations per step, batched. 'joint' is a cheaper "
+                         "approximation: one pass with all attribute tokens plus ordinary guidance (CFG)."),
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("adapter", options=folder_paths.get_filename_list(folders.ADAPTERS),

@@ -30,6 +30,7 @@ from omni_attribute.retrieval.store import (AdapterIdentity, AttributeIndex, Att
                                             encoder_settings, file_sha256)
 
 from . import folders, inputs
+from .search import schema
 from .sockets import Embeds, Encoder
 
 CATEGORY = "Omni-Attribute"
@@ -144,12 +145,13 @@ def _progress(total: int):
 class OmniAttributeBuildIndex(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeBuildIndex",
             display_name="Build Attribute Index",
             category=CATEGORY,
-            description=("Embeds every image of a folder (or an IMAGE batch) under one or more attribute lines and "
-                         "saves the index to output/omni_attribute_indexes/<index_name>/. Run again, it only "
+            description=("Builds an index for retrieval (image search, similarity search by attribute): embeds "
+                         "every image of a folder (a gallery) or an IMAGE batch under one or more attribute lines "
+                         "and saves the index to output/omni_attribute_indexes/<index_name>/. Run again, it only "
                          "embeds what is new or changed."),
             is_output_node=True,
             inputs=[
@@ -253,12 +255,13 @@ def _tiles(paths: list[str]) -> torch.Tensor:
 class OmniAttributeRetrieve(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeRetrieve",
             display_name="Retrieve by Attribute",
             category=CATEGORY,
-            description=("The k indexed images most similar to the query image under one attribute (cosine of the "
-                         "pooled embeddings). Scores are shown on the node."),
+            description=("Retrieval (image search) by one attribute: the k similar images in the index, the query "
+                         "image's nearest neighbours by cosine similarity of the pooled embeddings. Scores are "
+                         "shown on the node."),
             is_output_node=True,
             inputs=[
                 Index.Input("index"),
@@ -336,13 +339,13 @@ def vectors_by_attribute(embeds, count: int, wanted: list[str] | None) -> dict[s
 class OmniAttributeEmbeddingMap(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="OmniAttributeEmbeddingMap",
             display_name="Embedding Map",
             category=CATEGORY,
-            description=("A t-SNE map of the images' embeddings, one panel per attribute line (the paper's "
-                         "figure): the same images cluster differently under each attribute. With labels, each "
-                         "panel shows how well it separates them (silhouette score)."),
+            description=("A t-SNE visualization of the images' embeddings (an embedding plot), one panel per "
+                         "attribute line (the paper's figure): the clustering of the same images changes with the "
+                         "attribute. With labels, each panel shows how well it separates them (silhouette score)."),
             inputs=[
                 io.Image.Input("image", tooltip="the images to map (at least 3)"),
                 io.String.Input("attributes", multiline=True, default="object color\nbackground color",

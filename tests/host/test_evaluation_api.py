@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.oracle_judge import OracleJudge, oracle_scores
-from tests.host.test_workflows import WORKFLOWS, tiny_version
+from tests.host.test_workflows import API_WORKFLOWS, tiny_version
 
 pytestmark = pytest.mark.host
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_personalization_benchmark_on_the_live_server(comfy_server, tmp_path):
     (tmp_path / "workflow.api.json").write_text(
-        json.dumps(tiny_version(json.loads((WORKFLOWS / "personalize_attribute.api.json").read_text()))))
+        json.dumps(tiny_version(json.loads((API_WORKFLOWS / "personalize_attribute.api.json").read_text()))))
     rng = np.random.default_rng(4)
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")

@@ -1,6 +1,6 @@
-"""Shipped workflows (workflows/) and the laboratory's (lab/workflows/): valid on the live server, UI and API
-twins agree, and each runs end to end through the headless client (python -m omni_attribute.headless) with the
-FLUX loaders swapped for the tiny test fixtures."""
+"""Shipped workflows (UI format in example_workflows/, API format in api_workflows/) and the laboratory's
+(lab/workflows/): valid on the live server, UI and API twins agree, and each runs end to end through the
+headless client (python -m omni_attribute.headless) with the FLUX loaders swapped for the tiny test fixtures."""
 
 import copy
 import json
@@ -17,31 +17,43 @@ from omni_attribute.workflow import check_against_object_info, ui_to_api
 pytestmark = pytest.mark.host
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = REPO / "workflows"              # shipped with the plugin
-LAB_WORKFLOWS = REPO / "lab" / "workflows"  # the laboratory's (they need its node pack)
-SHIPPED = ["compose_attributes", "embedding_map", "encode_attributes", "personalize_attribute", "retrieve_by_attribute"]
+EXAMPLES = REPO / "example_workflows"       # UI format: ComfyUI's template browser lists these (and <title>.jpg)
+API_WORKFLOWS = REPO / "api_workflows"      # API format, for headless runs (a folder ComfyUI does not scan)
+LAB_WORKFLOWS = REPO / "lab" / "workflows"  # the laboratory's, both formats (they need its node pack)
+# shipped: the API file's name → its UI twin's, the template's title in the browser
+SHIPPED = {
+    "compose_attributes": "Compose attributes from three images with FLUX",
+    "embedding_map": "Attribute embedding map",
+    "encode_attributes": "Encode image attributes to embeds",
+    "personalize_attribute": "Personalize one attribute with FLUX",
+    "retrieve_by_attribute": "Retrieve similar images by attribute",
+}
 LAB = ["tiny_world_compose"]
-CASES = [(WORKFLOWS, name) for name in SHIPPED] + [(LAB_WORKFLOWS, name) for name in LAB]
-IDS = [f"{folder.relative_to(REPO)}/{name}" for folder, name in CASES]
+# (API file, UI file) of each workflow
+CASES = ([(API_WORKFLOWS / f"{name}.api.json", EXAMPLES / f"{title}.json") for name, title in SHIPPED.items()]
+         + [(LAB_WORKFLOWS / f"{name}.api.json", LAB_WORKFLOWS / f"{name}.json") for name in LAB])
+IDS = [api.relative_to(REPO).as_posix() for api, _ in CASES]
 
 
-def names(folder: Path, suffix: str) -> list[str]:
-    return sorted(p.name[:-len(suffix)] for p in folder.glob(f"*{suffix}"))
+def api_name(api: Path) -> str:
+    return api.name.removesuffix(".api.json")
 
 
 def test_every_workflow_has_both_formats():
-    for folder, expected in ((WORKFLOWS, SHIPPED), (LAB_WORKFLOWS, LAB)):
-        assert names(folder, ".api.json") == expected, folder
-        # every other *.json is a UI twin, one per API file
-        assert [n for n in names(folder, ".json") if not n.endswith(".api")] == expected, folder
+    assert sorted(p.name for p in API_WORKFLOWS.iterdir()) == sorted(f"{name}.api.json" for name in SHIPPED)
+    assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == sorted(SHIPPED.values())
+    assert not list(EXAMPLES.glob("*.api.json")), "API-format files belong in api_workflows/"
+    assert sorted(p.name[:-len(".api.json")] for p in LAB_WORKFLOWS.glob("*.api.json")) == LAB
+    # every other *.json of the laboratory is a UI twin, one per API file
+    assert sorted(p.stem for p in LAB_WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")) == LAB
 
 
-@pytest.mark.parametrize("folder, name", CASES, ids=IDS)
-def test_workflow_is_valid_and_twins_agree(client, folder, name):
+@pytest.mark.parametrize("api_file, ui_file", CASES, ids=IDS)
+def test_workflow_is_valid_and_twins_agree(client, api_file, ui_file):
     info = client.object_info()
-    api = json.loads((folder / f"{name}.api.json").read_text())
+    api = json.loads(api_file.read_text())
     assert check_against_object_info(api, info) == []
-    ui = json.loads((folder / f"{name}.json").read_text())
+    ui = json.loads(ui_file.read_text())
     assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert any(node["type"] == "Note" for node in ui["nodes"]), "the UI workflow should tell the artist what to load"
 
@@ -91,9 +103,10 @@ def reference_images(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("folder, name", CASES, ids=IDS)
-def test_workflow_runs_headlessly(comfy_server, folder, name, reference_images, tmp_path):
-    prompt = tiny_version(json.loads((folder / f"{name}.api.json").read_text()))
+@pytest.mark.parametrize("api_file, ui_file", CASES, ids=IDS)
+def test_workflow_runs_headlessly(comfy_server, api_file, ui_file, reference_images, tmp_path):
+    name = api_name(api_file)
+    prompt = tiny_version(json.loads(api_file.read_text()))
     workflow = tmp_path / f"{name}.tiny.api.json"
     workflow.write_text(json.dumps(prompt))
     loaders = [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]
@@ -122,7 +135,7 @@ def test_workflow_runs_headlessly(comfy_server, folder, name, reference_images, 
         image = np.asarray(Image.open(saved[0]), dtype=np.int16)
         # the tiny FLUX's stand-in VAE draws each latent cell as an 8×8 block (8×8 latent → 64 px); the world's
         # decoder draws its 32-pixel images ×4 (→ 128 px)
-        side, block = (128, 4) if folder == LAB_WORKFLOWS else (64, 8)
+        side, block = (128, 4) if api_file.parent == LAB_WORKFLOWS else (64, 8)
         assert image.shape == (side, side, 3)
         cells = image[::block, ::block]
         assert np.array_equal(np.repeat(np.repeat(cells, block, 0), block, 1), image), "not the decoder's blocks"
@@ -132,7 +145,7 @@ def test_workflow_runs_headlessly(comfy_server, folder, name, reference_images, 
 
 
 def test_cli_reports_errors_readably(comfy_server, reference_images, tmp_path):
-    prompt = tiny_version(json.loads((WORKFLOWS / "personalize_attribute.api.json").read_text()))
+    prompt = tiny_version(json.loads((API_WORKFLOWS / "personalize_attribute.api.json").read_text()))
     prompt["9"]["inputs"]["adapter"] = "tiny.safetensors"  # an adapter without IP-Adapter weights
     workflow = tmp_path / "broken.api.json"
     workflow.write_text(json.dumps(prompt))
@@ -147,7 +160,7 @@ def test_cli_reports_errors_readably(comfy_server, reference_images, tmp_path):
     assert usage.returncode == 2 and "NODE.INPUT=VALUE" in usage.stderr
     unknown = run_cli(["run", str(workflow), "--server", comfy_server.url, "--set", "9.no_such_input=1"])
     assert unknown.returncode == 2 and "has no input 'no_such_input'" in unknown.stderr
-    ui_file = run_cli(["run", str(WORKFLOWS / "compose_attributes.json"), "--server", comfy_server.url])
+    ui_file = run_cli(["run", str(EXAMPLES / f"{SHIPPED['compose_attributes']}.json"), "--server", comfy_server.url])
     assert ui_file.returncode == 2 and "UI-format" in ui_file.stderr
     nobody = run_cli(["run", str(workflow), "--server", "http://127.0.0.1:9", "--out", str(tmp_path)])
     assert nobody.returncode == 1 and "cannot reach ComfyUI" in nobody.stderr

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.install
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "omni_attribute"
-NOT_SHIPPED = ("lab", "devtools", "tests", "nodes", "benchmarks", "scripts", "configs", "workflows", "web")
+NOT_SHIPPED = ("lab", "devtools", "tests", "nodes", "benchmarks", "scripts", "configs", "example_workflows",
+               "api_workflows", "web")
 LAB_MODULES = ("world", "demo", "comfy_host", "comfy_flux", "tiny", "fixtures", "comfy_nodes")
 SCRIPTS = {"omni-attribute-train": "omni_attribute.train.cli:main", "omni-attribute-run": "omni_attribute.headless:main"}
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",

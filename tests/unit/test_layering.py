@@ -29,8 +29,8 @@ COMFY_MODULES = {"folder_paths", "server", "execution", "nodes", "node_helpers",
                  "cuda_malloc", "app", "protocol", "utils", "new_updater", "hook_breaker_ac10a0"}
 REPO_ONLY = {"lab", "devtools", "tests", "benchmarks", "scripts"}
 # folders of the repository that do not exist next to an installed package
-REPO_FOLDERS = {"configs", "workflows", "lab", "devtools", "tests", "benchmarks", "scripts", "web", "runs",
-                "nodes", "demo-output"}
+REPO_FOLDERS = {"configs", "example_workflows", "api_workflows", "lab", "devtools", "tests", "benchmarks", "scripts",
+                "web", "runs", "nodes", "demo-output"}
 
 
 # ---- parsing ----------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ CLEAN = {
     "__init__.py": "import importlib.util\nif importlib.util.find_spec('comfy_api'):\n    from .nodes import comfy_entrypoint\n",
     "nodes/__init__.py": "import folder_paths\nfrom comfy_api.latest import io\nfrom omni_attribute.encoder import encode\nfrom . import sockets\n",
     "nodes/sockets.py": "from comfy_api.latest import io\n",
-    "omni_attribute/__init__.py": '"""Library; see configs/x.yaml and workflows/y.json in the repository."""\n',
+    "omni_attribute/__init__.py": '"""Library; see configs/x.yaml and api_workflows/y.api.json in the repository."""\n',
     "omni_attribute/errors.py": "class Error(Exception):\n    pass\n",
     "omni_attribute/encoder.py": (
         "from __future__ import annotations\nfrom pathlib import Path\nfrom typing import TYPE_CHECKING\n"
@@ -553,16 +553,16 @@ def test_cycle_check_ignores_function_level_and_type_checking_imports(tmp_path):
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from pathlib import Path\nREPO = Path(__file__).resolve().parents[1]\nW = REPO / 'workflows'\n",
+    ("from pathlib import Path\nREPO = Path(__file__).resolve().parents[1]\nW = REPO / 'api_workflows'\n",
      "omni_attribute/bad.py:2"),
     ("from pathlib import Path\nW = Path(__file__).parent.parent / 'configs' / 'x.yaml'\n", "leaves the installed package"),
     ("import os\nW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'lab')\n",
      "leaves the installed package"),
     ("from pathlib import Path\nREPO_ROOT = Path('.')\ndef f():\n    return REPO_ROOT / 'configs' / 'train_tiny.yaml'\n",
      "omni_attribute/bad.py:4: return REPO_ROOT / 'configs' / 'train_tiny.yaml'  (reads the repository folder 'configs'"),
-    ("from pathlib import Path\ndef f():\n    return Path('workflows/encode_attributes.api.json').read_text()\n",
-     "relative path into the repository folder 'workflows/encode_attributes.api.json'"),
-    ("from pathlib import Path\nHERE = Path(__file__).resolve().parent\nROOT = HERE.parent\nW = ROOT / 'workflows'\n",
+    ("from pathlib import Path\ndef f():\n    return Path('api_workflows/encode_attributes.api.json').read_text()\n",
+     "relative path into the repository folder 'api_workflows/encode_attributes.api.json'"),
+    ("from pathlib import Path\nHERE = Path(__file__).resolve().parent\nROOT = HERE.parent\nW = ROOT / 'example_workflows'\n",
      "omni_attribute/bad.py:3: ROOT = HERE.parent  (a path 2 folder(s) up"),
     ("from pathlib import Path\ndef f(p):\n    return Path(p).parents[2] / 'lab' / 'world'\n",
      "reads the repository folder 'lab'"),

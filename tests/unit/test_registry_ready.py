@@ -16,7 +16,7 @@ import omni_attribute
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATOR_RULES = "S102,S307,E702"
-SHIPPED = ["__init__.py", "nodes", "omni_attribute", "web", "workflows"]
+SHIPPED = ["__init__.py", "nodes", "omni_attribute", "web", "example_workflows", "api_workflows"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def packed_files() -> list[str]:
 def test_the_registry_package_holds_the_plugin_and_nothing_of_the_laboratory():
     files = packed_files()
     tops = {path.split("/", 1)[0] for path in files}
-    assert {"__init__.py", "nodes", "omni_attribute", "web", "workflows", "LICENSE", "README.md"} <= tops
+    assert set(SHIPPED) | {"LICENSE", "README.md"} <= tops
     assert not tops & {"lab", "devtools", "tests", "benchmarks", "scripts", ".ci"}, sorted(tops)
 
 
