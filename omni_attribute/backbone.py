@@ -91,6 +91,17 @@ def read_folder_config(folder: str | Path) -> dict:
     return config
 
 
+def read_backbone_config(source: str | Path) -> dict:
+    """The HF config of a backbone folder (its config.json) or of ComfyUI's text-encoder file (from its header)."""
+    from .comfy_text_encoder_file import check_qwen25_vl, infer_config, is_text_encoder_file, read_header
+
+    if is_text_encoder_file(source):
+        header = read_header(source)
+        check_qwen25_vl(Path(source).name, header)
+        return infer_config(header)
+    return read_folder_config(source)
+
+
 def refuse_remote_code(folder: Path) -> None:
     """Model folders that ask to run their own Python code (``auto_map``) are refused: a node user cannot and
     should not switch that on; Qwen2.5-VL needs no code beyond transformers'."""
@@ -153,26 +164,39 @@ def check_weight_files(folder: Path) -> None:
 
 
 def load_backbone(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  meta: bool = False) -> Backbone:
-    """Load model, tokenizer and image processor. Only safetensors weights are read (never pickles)."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+                  meta: bool = False, weight_dtype: str = "default", tokenizer_dir: str | Path | None = None) -> Backbone:
+    """Load model, tokenizer and image processor. Only safetensors weights are read (never pickles).
 
+    ``folder`` is an HF-format folder, or ComfyUI's Qwen2.5-VL text-encoder file (one .safetensors, see
+    ``comfy_text_encoder_file``), whose tokenizer comes from ``tokenizer_dir`` (ComfyUI's qwen25_tokenizer).
+    ``weight_dtype="fp8_e4m3fn"`` holds the Linear weights in float8 with per-row scales (``float8``)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .comfy_text_encoder_file import build_model, is_text_encoder_file
+    from .float8 import WEIGHT_DTYPES, quantize_linears
+
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise BackboneError(f"weight_dtype {short(weight_dtype)} is not one of {', '.join(WEIGHT_DTYPES)}")
     folder = Path(folder)
+    if is_text_encoder_file(folder):
+        if tokenizer_dir is None:
+            raise BackboneError(f"{folder.name} is a text-encoder file without tokenizer files: pass the Qwen2.5 "
+                                "tokenizer folder (ComfyUI ships it in comfy/text_encoders/qwen25_tokenizer)")
+        tokenizer = load_tokenizer(Path(tokenizer_dir))
+        try:
+            model = build_model(folder, dtype, weight_dtype)
+        except BackboneError:
+            raise
+        except Exception as exc:
+            raise BackboneError(f"could not load {folder.name!r} as a Qwen2.5-VL model ({_first_line(exc)}): use "
+                                "ComfyUI's qwen_2.5_vl_7b*.safetensors text-encoder file") from exc
+        return finish_backbone(model, tokenizer, None, folder, device)
     read_folder_config(folder)
     if not meta:
         check_weight_files(folder)
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        raise BackboneError(f"backbone folder {folder.name!r} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-    for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json", "preprocessor_config.json"):
-        if (folder / name).is_file():
-            _read_json(folder, name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, fix_mistral_regex=False)
-    except Exception as exc:  # transformers raises many types (and blames e.g. a missing protobuf)
-        raise BackboneError(
-            f"backbone folder {folder.name!r}: its tokenizer cannot be loaded ({_first_line(exc)}): re-download "
-            "the tokenizer files (tokenizer.json, or vocab.json + merges.txt, and tokenizer_config.json)") from exc
+    tokenizer = load_tokenizer(folder)
+    if (folder / "preprocessor_config.json").is_file():
+        _read_json(folder, "preprocessor_config.json")
     try:
         if meta:
             with torch.device("meta"):
@@ -191,13 +215,42 @@ def load_backbone(folder: str | Path, dtype: torch.dtype = torch.float32, device
         raise
     except Exception as exc:  # transformers raises many types; name the folder and say what it means
         raise BackboneError(explain_load_failure(folder, exc)) from exc
+    if weight_dtype == "fp8_e4m3fn" and not meta:
+        quantize_linears(model, dtype)
+    image_processor = None
     if (folder / "preprocessor_config.json").is_file():
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
         try:
             image_processor = Qwen2VLImageProcessor.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:
             raise BackboneError(f"backbone folder {folder.name!r}: preprocessor_config.json cannot be used "
                                 f"({_first_line(exc)}): re-download it") from exc
-    else:
+    return finish_backbone(model, tokenizer, image_processor, folder, None if meta else device)
+
+
+def load_tokenizer(folder: Path):
+    """The Qwen2.5 tokenizer of a model folder (tokenizer.json, or vocab.json + merges.txt)."""
+    from transformers import AutoTokenizer
+
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        raise BackboneError(f"backbone folder {folder.name!r} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            _read_json(folder, name)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, fix_mistral_regex=False)
+    except Exception as exc:  # transformers raises many types (and blames e.g. a missing protobuf)
+        raise BackboneError(
+            f"backbone folder {folder.name!r}: its tokenizer cannot be loaded ({_first_line(exc)}): re-download "
+            "the tokenizer files (tokenizer.json, or vocab.json + merges.txt, and tokenizer_config.json)") from exc
+
+
+def finish_backbone(model, tokenizer, image_processor, source: Path, device) -> Backbone:
+    """Image processor (from the vision config unless given), token check, device, eval mode, frozen."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    if image_processor is None:
         vision = model.config.vision_config
         image_processor = Qwen2VLImageProcessor(
             patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
@@ -205,12 +258,12 @@ def load_backbone(folder: str | Path, dtype: torch.dtype = torch.float32, device
         )
     for token in ("<|vision_start|>", "<|vision_end|>", IMAGE_PAD, "<|im_start|>", "<|im_end|>"):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            raise BackboneError(f"the tokenizer in {folder.name!r} lacks the Qwen2.5-VL token {token}")
-    if not meta:
+            raise BackboneError(f"the tokenizer for {source.name!r} lacks the Qwen2.5-VL token {token}")
+    if device is not None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor, folder=str(folder))
+    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor, folder=str(source))
 
 
 def _first_line(exc: Exception) -> str:

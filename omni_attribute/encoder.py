@@ -27,7 +27,7 @@ from torch import nn
 from . import prompt as prompt_lib
 from .adapter_file import AdapterMetadata, check_backbone, load_adapter, read_adapter_metadata, save_adapter
 from .backbone import (IMAGE_PAD, PREFIX_TEMPLATE, SUFFIX_TEMPLATE, SYSTEM_PROMPT, Backbone, load_backbone,
-                       read_folder_config)
+                       read_backbone_config)
 from .connector import Connector
 from .embeds import AttributeEmbeds
 from .errors import AdapterFileError, AttributeTextError, EmbedsError
@@ -302,14 +302,17 @@ def build_encoder(backbone: Backbone, metadata: AdapterMetadata, adapter_name: s
 
 
 def load_encoder(backbone_folder: str | Path, adapter_path: str | Path, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> AttributeEncoder:
-    """Backbone folder + adapter file → ready encoder. The adapter header is checked against the
-    backbone's config.json before any weights are read, so a mismatch fails fast."""
+                 device: str | torch.device = "cpu", weight_dtype: str = "default",
+                 tokenizer_dir: str | Path | None = None) -> AttributeEncoder:
+    """Backbone (HF folder, or ComfyUI's Qwen2.5-VL text-encoder file with ``tokenizer_dir``) + adapter file →
+    ready encoder. The adapter header is checked against the backbone's config before any weights are read,
+    so a mismatch fails fast. ``weight_dtype="fp8_e4m3fn"``: the backbone's Linear weights in float8."""
     name = Path(adapter_path).name
     metadata = read_adapter_metadata(adapter_path)
-    check_backbone(metadata, backbone_info_from_config(read_folder_config(backbone_folder), backbone_folder), name)
+    check_backbone(metadata, backbone_info_from_config(read_backbone_config(backbone_folder), backbone_folder), name)
     adapter = load_adapter(adapter_path)
-    backbone = load_backbone(backbone_folder, dtype=dtype, device=device)
+    backbone = load_backbone(backbone_folder, dtype=dtype, device=device, weight_dtype=weight_dtype,
+                             tokenizer_dir=tokenizer_dir)
     apply_lora(backbone.model, metadata.lora)
     load_lora_state_dict(backbone.model, adapter.section("lora"), name)
     connector = Connector(metadata.connector)
