@@ -1,10 +1,13 @@
 """The tiny attribute world benchmark: train everything on two CPU cores and measure the paper's claims.
 
-    python benchmarks/tiny_world.py [--size ci|full] [--work DIR] [--force STAGE] [--seed N]
+    python benchmarks/tiny_world.py [--size ci|full|gpu] [--work DIR] [--force STAGE] [--seed N] [--device D] [--bf16]
 
 --size ci (the default; about 25 minutes on 2 cores from scratch, cached in runs/tiny-world-ci, shared
-with the main job) or full (a larger world and more training, cached in runs/tiny-world; 40 minutes
-from scratch on 2 cores).
+with the main job), full (a larger world and more training, cached in runs/tiny-world; 40 minutes
+from scratch on 2 cores) or gpu (the ci world with ten times the encoder steps, five times the pairs and
+twice the cases, cached in runs/tiny-world-gpu; meant for --device cuda --bf16 on a lent GPU, not run yet).
+--device picks the torch device of every stage (cpu by default: what CI runs); --bf16 trains and samples
+under bf16 autocast / mixed precision. A stage cached on one device is reused on another.
 
 Stages (each cached under --work, keyed by its settings; a cached stage is reused and says so):
 data → judge → backbone (tiny Qwen2.5-VL, captioning + attribute-request pre-training, then frozen) →
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import argparse
 
-from lab.world.pipeline import REPO, SIZES, render_table, run_benchmark
+from lab.world.pipeline import REPO, SIZES, add_compute_arguments, compute_from, render_table, run_benchmark
 
 
 def main() -> None:
@@ -34,9 +37,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="stage cache (default runs/tiny-world-ci or runs/tiny-world)")
     parser.add_argument("--force", action="append", default=[], help="re-run this stage even if cached")
     parser.add_argument("--seed", type=int, default=0)
+    add_compute_arguments(parser)
     args = parser.parse_args()
-    work = args.work or REPO / "runs" / ("tiny-world-ci" if args.size == "ci" else "tiny-world")
-    _, report = run_benchmark(args.size, work, args.seed, set(args.force), log=lambda m: print(m, flush=True))
+    compute = compute_from(args, parser)
+    work = args.work or REPO / "runs" / {"ci": "tiny-world-ci", "full": "tiny-world", "gpu": "tiny-world-gpu"}[args.size]
+    _, report = run_benchmark(args.size, work, args.seed, set(args.force), log=lambda m: print(m, flush=True),
+                              compute=compute)
     print(render_table(report))
 
 

@@ -1,6 +1,7 @@
 """Why the generation half does (not) transfer: the diagnostics of issue 12, in the tiny attribute world.
 
-    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--size ci|full] [--work DIR]
+    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--size ci|full|gpu] [--work DIR]
+                                                [--reuse-every K ...] [--caption-steps N] [--device D] [--bf16]
 
 Every experiment trains with omni-attribute-train's trainer on the world's frozen generator (the stages of
 benchmarks/tiny_world.py, cached in the same --work folder and shared with it), with the IP statistics on
@@ -12,6 +13,14 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
 - oracle-reconstruction: the same with reference = target (loss.reconstruct=1).
 - reconstruction: the real encoder, Lgen only, reference = target (the original IP-Adapter recipe).
 - omni: the Omni-Attribute recipe of the benchmark table (Lgen + Lcon), for comparison.
+- recipe candidates, each the omni recipe with one change: omni-from-oracle (the IP-Adapter starts from the
+  oracle run's, through adapter.init_from: an IP path that already listens to tokens), omni-ip-lr (the
+  IP-Adapter's learning rate ×10 instead of ×3), omni-long (1000 steps instead of 200).
+
+Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
+of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
+held-out phrasing — what any encoder on it can carry at most.
+``--caption-steps N`` runs the experiments on a backbone pre-trained longer (its own stage and run folders).
 
 For each: attribute fidelity (± its binomial standard error), copy-paste and composition against the
 text-only baseline and the text ceiling (prompts that name the reference's value); Lgen on training pairs
@@ -35,14 +44,33 @@ import time
 import torch
 from safetensors.torch import load_file
 
+from lab.world.captioner import read_back
 from lab.world.judge import load_judge
-from lab.world.pipeline import (ENCODER_SETTINGS, OMNI, REPO, SIZES, TRAIN_CONFIG, VARIANTS, evaluate, train_world)
 from lab.world.pairs import read_images
+from lab.world.pipeline import (
+    CPU,
+    ENCODER_SETTINGS,
+    OMNI,
+    REPO,
+    SIZES,
+    TRAIN_CONFIG,
+    VARIANTS,
+    Compute,
+    add_compute_arguments,
+    compute_from,
+    evaluate,
+    train_world,
+)
 from omni_attribute.images import load_rgb_batch
 from omni_attribute.train.config import load_config
-from omni_attribute.train.data import PairDataset, iter_records, shard_files
+from omni_attribute.train.data import PairDataset
 from omni_attribute.train.oracle import ORACLE_FILE
-from omni_attribute.train.trainer import build_model, latest_checkpoint, preflight, train
+from omni_attribute.train.trainer import (
+    build_model,
+    latest_checkpoint,
+    preflight,
+    train,
+)
 
 LGEN_ONLY = ["loss.lambda_gen=1.0", "loss.lambda_con=0.0"]
 EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
@@ -50,7 +78,13 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "oracle-reconstruction": ([*LGEN_ONLY, "loss.oracle_tokens=true", "loss.reconstruct=1"], 1500),
     "reconstruction": ([*LGEN_ONLY, "loss.reconstruct=1"], 200),
     "omni": (VARIANTS[OMNI], 200),
+    # recipe candidates (item 2), each the omni recipe with one change
+    "omni-from-oracle": (VARIANTS[OMNI], 200),  # the IP-Adapter starts from the oracle run's (adapter.init_from)
+    "omni-ip-lr": ([*VARIANTS[OMNI], "optim.ip_lr_scale=10"], 200),
+    "omni-long": (VARIANTS[OMNI], 1000),
 }
+# experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
+STARTS_FROM = {"omni-from-oracle": "oracle"}
 
 
 def lgen_with_and_without_tokens(config, pairs: int = 64) -> dict[str, float]:
@@ -85,39 +119,64 @@ def ip_curve(metrics_path: Path, points: int = 5) -> list[dict]:
 
 
 def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: int, log=print,
-        train_seed: int | None = None, out: Path | None = None) -> dict:
-    """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed)."""
+        train_seed: int | None = None, out: Path | None = None, reuse_every: list[int] = (),
+        compute: Compute = CPU, caption_steps: int | None = None) -> dict:
+    """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed);
+    ``reuse_every``: each experiment is also evaluated, on the same cases, with the guider's approximate
+    "reuse Δ every k steps" rule for each k (issue 13: its composition score against the exact rule's);
+    ``caption_steps``: the experiments run on a backbone pre-trained for this many steps instead of the size's."""
     train_seed = seed if train_seed is None else train_seed
-    models, info = train_world(size_name, work, seed, variants={}, log=log)
+    models, info = train_world(size_name, work, seed, variants={}, log=log, compute=compute, caption_steps=caption_steps)
     size = SIZES[size_name]
     data = Path(info["held_out"]).parents[1]
     held_out = read_images(Path(info["held_out"]))
     judge = load_judge(models.judge)
     images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
-    report = {"size": size_name, "seed": seed, "train_seed": train_seed, "stages": info["stages"], "experiments": {}}
+    report = {"size": size_name, "seed": seed, "train_seed": train_seed, "stages": info["stages"], "experiments": {},
+              "caption_steps": caption_steps or size["caption_steps"]}
+    report["backbone_read_back"] = {ask: read_back(models.backbone, images[:96], truth[:96], device=compute.device, ask=ask)
+                                    for ask in ("caption", "held-out phrasing")}
+    log(f"[backbone] read back per factor: {json.dumps(report['backbone_read_back'])}")
     text_only = None
-    for name in names:
+
+    def trained(name: str):
+        """(config, run folder) of an experiment, trained unless cached (after what it starts from)."""
         overrides, default_steps = EXPERIMENTS[name]
         n = steps or default_steps
-        run_dir = work / (f"diagnostic-{name}-{n}" + ("" if train_seed == seed else f"-seed{train_seed}"))
+        run_dir = work / (f"diagnostic-{name}-{n}" + ("" if train_seed == seed else f"-seed{train_seed}")
+                          + (f"-caption{caption_steps}" if caption_steps else ""))
+        if name in STARTS_FROM:
+            _, start_dir = trained(STARTS_FROM[name])
+            overrides = [*overrides, f"adapter.init_from={start_dir / 'adapter.safetensors'}"]
         config = load_config(TRAIN_CONFIG, [
             f"output_dir={run_dir}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}", "data.validation_pairs=null",
             f"backbone.path={models.backbone}", "generator.kind=tiny", f"generator.path={models.generator}",
             f"optim.max_steps={n}", f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
             f"runtime.checkpoint_every={n}", "runtime.log_every=25", "runtime.log_ip_stats=true", f"seed={train_seed}",
-            *ENCODER_SETTINGS, *overrides])
-        started = time.time()
+            *ENCODER_SETTINGS, *overrides, *compute.trainer_overrides()])
         if not (run_dir / "summary.json").is_file():
             log(f"[{name}] training {n} steps in {run_dir}")
             train(config, resume=False, progress=False)
         else:
             log(f"[{name}] cached: reusing {run_dir}")
+        return config, run_dir
+
+    for name in names:
+        started = time.time()
+        config, run_dir = trained(name)
+        n, overrides = config.optim.max_steps, EXPERIMENTS[name][0]
         oracle = run_dir / ORACLE_FILE if config.loss.oracle_tokens else None
         row = evaluate(run_dir / "adapter.safetensors", models.backbone, models.generator, judge, images, truth,
-                       size["eval_cases"], seed, text_only, oracle)
+                       size["eval_cases"], seed, text_only, oracle, compute=compute)
         text_only = row["text_only_baseline"]
         row.update(steps=n, overrides=overrides, seconds=round(time.time() - started),
                    lgen=lgen_with_and_without_tokens(config), curve=ip_curve(run_dir / "metrics.jsonl"))
+        row["approximate"] = {}
+        for k in reuse_every:
+            approximate = evaluate(run_dir / "adapter.safetensors", models.backbone, models.generator, judge, images,
+                                   truth, size["eval_cases"], seed, text_only, oracle, reuse_every=k, compute=compute)
+            row["approximate"][str(k)] = approximate["summary"]
+            log(f"[{name}, reuse Δ every {k} steps] {json.dumps(approximate['summary'])}")
         report["experiments"][name] = row
         log(f"[{name}] {json.dumps(row['summary'])}")
     report["text_only_baseline"] = text_only
@@ -141,6 +200,23 @@ def render(report: dict) -> str:
                      f"{s['copy_paste']:.3f} | {s['composition_2']:.3f} ({s['composition_2_all']:.3f}) | "
                      f"{lg['lgen_with_tokens']:.4f} / {lg['lgen_without_tokens']:.4f} | {end['ip_ratio']:.3f} "
                      f"({end['ip_ratio_max']:.3f}) | {end['ip_grad_norm']:.3g} | {end['ip_value_norm']:.3g} |")
+    approximate = [(name, k, s) for name, row in report["experiments"].items()
+                   for k, s in row.get("approximate", {}).items()]
+    if approximate:
+        lines += ["", "Exact flow blend against the approximate \"reuse Δ every k steps\" rule (same cases; personalization "
+                  "has N = 1 attribute, composition N = 2 and 3):", "",
+                  "| experiment | rule | attribute fidelity | composition 2 refs (both) | composition 3 refs |",
+                  "| --- | --- | --- | --- | --- |"]
+        rows = [(name, "exact", row["summary"]) for name, row in report["experiments"].items() if row.get("approximate")]
+        for name, rule, s in [*rows, *((n, f"reuse every {k}", s) for n, k, s in approximate)]:
+            lines.append(f"| {name} | {rule} | {s['attribute_fidelity']:.3f} ± {s['attribute_fidelity_spread']:.3f} | "
+                         f"{s['composition_2']:.3f} ± {s['composition_2_spread']:.3f} ({s['composition_2_all']:.3f}) | "
+                         f"{s['composition_3']:.3f} |")
+    if "backbone_read_back" in report:
+        lines += ["", f"Backbone read-back ({report.get('caption_steps', '?')} pre-training steps; 96 held-out images, "
+                  "the value whose words it finds likeliest):", ""]
+        for ask, scores in report["backbone_read_back"].items():
+            lines.append(f"- {ask}: " + ", ".join(f"{f} {v:.2f}" for f, v in scores.items()))
     lines += ["", "Over training (step: Lgen, mean IP ratio, IP grad norm, IP value norm):", ""]
     for name, row in report["experiments"].items():
         points = "; ".join(f"{c['step']}: {c['lgen']:.4f}, {c['ip_ratio']:.3f}, {c['ip_grad_norm']:.3g}, "
@@ -159,10 +235,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the world's stages")
     parser.add_argument("--train-seed", type=int, default=None, help="seed of the experiments' training (default: --seed)")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: WORK/diagnostics.json)")
+    parser.add_argument("--caption-steps", type=int, default=None, metavar="N",
+                        help="pre-train the backbone for N steps instead of the size's (its own cached stage)")
+    parser.add_argument("--reuse-every", type=int, action="append", default=[], metavar="K",
+                        help="also evaluate with the approximate 'reuse Δ every K steps' rule (repeat for several)")
+    add_compute_arguments(parser)
     args = parser.parse_args()
-    work = (args.work or REPO / "runs" / ("tiny-world-ci" if args.size == "ci" else "tiny-world")).resolve()
+    compute = compute_from(args, parser)
+    work = (args.work or REPO / "runs" / {"ci": "tiny-world-ci", "full": "tiny-world", "gpu": "tiny-world-gpu"}[args.size]
+            ).resolve()
     report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
-                 log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out)
+                 log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out, reuse_every=args.reuse_every,
+                 compute=compute, caption_steps=args.caption_steps)
     print(render(report))
 
 

@@ -23,7 +23,14 @@ from omni_attribute.connector import Connector
 from omni_attribute.encoder import AttributeEncoder
 from omni_attribute.train.config import AdapterConfig
 
-from .factors import FACTORS, TRAIN_PHRASINGS, Assignment, caption, factor_words
+from .factors import (
+    FACTORS,
+    HELD_OUT_PHRASINGS,
+    TRAIN_PHRASINGS,
+    Assignment,
+    caption,
+    factor_words,
+)
 from .generator import clipped_step
 
 TURN_END = "<|im_end|>\n<|im_start|>assistant\n"
@@ -47,17 +54,43 @@ def _image_inputs(helper: AttributeEncoder, images: torch.Tensor):
     return torch.cat(pixel_values), torch.cat(grids), n_tokens
 
 
-def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
-                       steps: int = 800, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
-                       image_pixels: int = 112 * 112, progress=None) -> Path:
-    backbone = load_backbone(random_folder)
-    model, tokenizer = backbone.model, backbone.tokenizer
-    model.requires_grad_(True).train()
-    # a throwaway encoder only for its image preparation (same resizing as the attribute encoder uses)
+def _answer_batch(tokenizer, n_image_tokens: int, rows: list[tuple[str, str]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and answer mask of (instruction, answer) rows, each after one image's prefix."""
+    image_ids = tokenizer(PREFIX_TEMPLATE.format(system=SYSTEM_PROMPT, image=IMAGE_PAD * n_image_tokens),
+                          add_special_tokens=False)["input_ids"]
+    sequences, answer_starts = [], []
+    for instruction, answer in rows:
+        question = image_ids + tokenizer(instruction + TURN_END, add_special_tokens=False)["input_ids"]
+        sequences.append(question + tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        answer_starts.append(len(question))
+    longest = max(len(r) for r in sequences)
+    ids = torch.full((len(rows), longest), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    for r, row in enumerate(sequences):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+        answer[r, answer_starts[r]:len(row)] = True
+    return ids, mask, answer
+
+
+def _image_helper(backbone, image_pixels: int, device: str | torch.device) -> AttributeEncoder:
+    """A throwaway encoder only for its image preparation (the same resizing as the attribute encoder uses);
+    it puts the pixels on ``device``."""
     settings = AdapterConfig(num_tokens=1, connector_width=2, connector_layers=1, connector_heads=1,
                              min_pixels=image_pixels, max_pixels=image_pixels)
     metadata = settings.metadata(backbone.info(), out_dim=1)
-    helper = AttributeEncoder(backbone, Connector(metadata.connector), metadata)
+    return AttributeEncoder(backbone, Connector(metadata.connector).to(device), metadata)
+
+
+def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
+                       steps: int = 800, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+                       image_pixels: int = 112 * 112, progress=None, device: str | torch.device = "cpu") -> Path:
+    backbone = load_backbone(random_folder)
+    model, tokenizer = backbone.model.to(device), backbone.tokenizer
+    model.requires_grad_(True).train()
+    helper = _image_helper(backbone, image_pixels, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -66,22 +99,8 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator).tolist()
         with torch.no_grad():
             pixel_values, grids, n_tokens = _image_inputs(helper, images[index])
-        image_ids = tokenizer(PREFIX_TEMPLATE.format(system=SYSTEM_PROMPT, image=IMAGE_PAD * n_tokens),
-                              add_special_tokens=False)["input_ids"]
-        rows, answer_starts = [], []
-        for i in index:
-            instruction, answer = caption_or_request(assignments[i], rng)
-            question = image_ids + tokenizer(instruction + TURN_END, add_special_tokens=False)["input_ids"]
-            rows.append(question + tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
-            answer_starts.append(len(question))
-        longest = max(len(r) for r in rows)
-        ids = torch.full((batch_size, longest), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        answer = torch.zeros_like(ids, dtype=torch.bool)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-            answer[r, answer_starts[r]:len(row)] = True
+        rows = [caption_or_request(assignments[i], rng) for i in index]
+        ids, mask, answer = (t.to(device) for t in _answer_batch(tokenizer, n_tokens, rows))
         hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grids).last_hidden_state
         # next-token loss on the answer only (logits only where needed: the vocabulary is 152k wide)
         targets = ids[:, 1:]
@@ -93,6 +112,41 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
             progress(step + 1, steps, float(loss.detach()))
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(str(out), safe_serialization=True)
+    model.cpu().eval().save_pretrained(str(out), safe_serialization=True)
     copy_tokenizer(random_folder, out)
     return out
+
+
+@torch.no_grad()
+def read_back(folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
+              image_pixels: int = 112 * 112, device: str | torch.device = "cpu", ask: str = "caption"
+              ) -> dict[str, float]:
+    """What the backbone sees of each factor: the value whose words it finds most likely (the lowest negative
+    log-likelihood of the answer among the factor's values, the other factors at their true values) is its
+    reading; the share of images read right, per factor. ``ask="caption"``: the answer is the whole caption to "Describe the image:";
+    ``ask="held-out phrasing"``: the factor's words to "Describe the <held-out phrasing>:", a phrasing the
+    pre-training never saw. An encoder can only carry what its backbone tells apart."""
+    if ask not in ("caption", "held-out phrasing"):
+        raise ValueError(f"ask={ask!r}: use 'caption' or 'held-out phrasing'")
+    backbone = load_backbone(folder)
+    model, tokenizer = backbone.model.to(device).eval(), backbone.tokenizer
+    helper = _image_helper(backbone, image_pixels, device)
+    right = {f: 0 for f in FACTORS}
+    for i, truth in enumerate(assignments):
+        pixel_values, grids, n_tokens = _image_inputs(helper, images[i:i + 1])
+        # every value of every factor in one batch: (factor, value) rows
+        candidates = [(f, v) for f, values in FACTORS.items() for v in values]
+        variants = [Assignment.of({**truth.as_dict(), f: v}) for f, v in candidates]
+        rows = [("Describe the image:", caption(a)) if ask == "caption" else
+                (f"Describe the {HELD_OUT_PHRASINGS[f]}:", factor_words(a, f)) for a, (f, _) in zip(variants, candidates)]
+        ids, mask, answer = (t.to(device) for t in _answer_batch(tokenizer, n_tokens, rows))
+        hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values.repeat(len(rows), 1),
+                             image_grid_thw=grids.repeat(len(rows), 1)).last_hidden_state
+        keep = answer[:, 1:]
+        token_loss = F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), ids[:, 1:][keep], reduction="none")
+        loss = torch.zeros(len(rows), device=device).index_add_(0, keep.nonzero()[:, 0], token_loss)  # −log p(answer)
+        for factor in FACTORS:
+            picks = [r for r, (f, _) in enumerate(candidates) if f == factor]
+            best = min(picks, key=lambda r: float(loss[r]))
+            right[factor] += candidates[best][1] == truth[factor]
+    return {f: right[f] / len(assignments) for f in FACTORS}

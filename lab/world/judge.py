@@ -34,7 +34,7 @@ class FactorJudge(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list[dict[str, str]]:
-        logits = self.eval()(images)
+        logits = self.eval()(images.to(next(self.parameters()).device))
         picks = {f: logits[f].argmax(-1).tolist() for f in FACTORS}
         return [{f: FACTORS[f][picks[f][i]] for f in FACTORS} for i in range(images.shape[0])]
 
@@ -51,22 +51,24 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(images: torch.Tensor, assignments: list[Assignment], epochs: int = 6, seed: int = 0,
-                batch_size: int = 64) -> FactorJudge:
+                batch_size: int = 64, device: str | torch.device = "cpu") -> FactorJudge:
+    """The judge trained on ``device`` (batches and augmentation drawn on the host, so every device sees the
+    same ones), returned on the CPU."""
     torch.manual_seed(seed)
-    judge = FactorJudge()
+    judge = FactorJudge().to(device)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3)
-    target = labels(assignments)
+    target = {f: t.to(device) for f, t in labels(assignments).items()}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            logits = judge.train()(augment(images[index], generator))
-            loss = sum(F.cross_entropy(logits[f], target[f][index]) for f in FACTORS)
+            logits = judge.train()(augment(images[index], generator).to(device))
+            loss = sum(F.cross_entropy(logits[f], target[f][index.to(device)]) for f in FACTORS)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return judge.eval()
+    return judge.cpu().eval()
 
 
 def accuracy(judge: FactorJudge, images: torch.Tensor, assignments: list[Assignment]) -> dict[str, float]:

@@ -53,6 +53,9 @@ SIZES: dict[str, dict] = {
              "pairs": 2000, "encoder_steps": 300, "encoder_batch": 8, "eval_images": 240, "eval_cases": 72},
     "ci": {"gen_images": 2000, "gen_steps": 4000, "gen_batch": 32, "caption_steps": 250, "judge_images": 4000,
            "pairs": 800, "encoder_steps": 200, "encoder_batch": 8, "eval_images": 160, "eval_cases": 144},
+    # for a lent GPU (--device cuda): the ci world with ten times the encoder steps and twice the cases
+    "gpu": {"gen_images": 2000, "gen_steps": 4000, "gen_batch": 32, "caption_steps": 1000, "judge_images": 4000,
+            "pairs": 4000, "encoder_steps": 2000, "encoder_batch": 16, "eval_images": 320, "eval_cases": 288},
 }
 # Each generator caption leaves each factor out with this probability, so prompts that leave a factor to a
 # reference are in its distribution (trained on full captions only, it drew noise for them).
@@ -86,6 +89,45 @@ TEXT_SCALE = 3.0
 # with oracle tokens (BENCHMARKS.md, 144 cases): attribute fidelity 0.51 at w = 1, 0.69 at 2, 0.81 at 3, text
 # fidelity 0.99–1.00 throughout. The same weight for every encoder and baseline.
 ATTRIBUTE_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where the laboratory's stages run: the torch device, and bf16 autocast (mixed precision for the encoders'
+    training). The default, the CPU in fp32, is what CI runs. A cached stage is reused whatever device made it."""
+    device: str = "cpu"
+    bf16: bool = False
+
+    def trainer_overrides(self) -> list[str]:
+        """omni-attribute-train settings for this compute (accelerate would take a GPU wherever there is one)."""
+        overrides = ["runtime.mixed_precision=bf16"] if self.bf16 else []
+        if self.device == "cpu" and torch.cuda.is_available():
+            overrides.append("runtime.cpu=true")
+        return overrides
+
+
+CPU = Compute()
+
+
+def add_compute_arguments(parser) -> None:
+    """--device and --bf16 of the laboratory's commands."""
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of every stage: cpu (the default, what CI runs), cuda, cuda:1, …")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast for the generator and sampling, bf16 mixed precision for the encoders")
+
+
+def compute_from(args, parser) -> Compute:
+    """The Compute of parsed --device/--bf16; a device this machine lacks is a usage error."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the laboratory runs on cpu or cuda")
+    return Compute(str(device), args.bf16)
 
 
 @dataclass
@@ -124,11 +166,15 @@ def generator_settings(size_name: str, seed: int = 0) -> dict:
 
 def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = frozenset(),
                 variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print,
-                use_committed: bool = True) -> tuple[WorldModels, dict]:
-    """Train (or reuse) every stage; returns the model paths and the stage reports. The generator comes from
-    the committed weights (lab/weights, hash-checked) when they were trained with this stage's settings,
-    unless ``use_committed`` is off."""
+                use_committed: bool = True, compute: Compute = CPU, caption_steps: int | None = None
+                ) -> tuple[WorldModels, dict]:
+    """Train (or reuse) every stage on ``compute``; returns the model paths and the stage reports. The generator
+    comes from the committed weights (lab/weights, hash-checked) when they were trained with this stage's
+    settings, unless ``use_committed`` is off. ``caption_steps``: the backbone's pre-training steps instead of
+    the size's (a diagnostic: how much the backbone's sight limits the encoders)."""
     size, work = SIZES[size_name], Path(work).resolve()
+    if caption_steps:
+        size = {**size, "caption_steps": caption_steps}
     stages: dict = {}
     data, cached = _stage(work, "data", data_settings(size_name, seed), force, log)
     if not cached:
@@ -144,7 +190,7 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
     if not cached:
         rows = read_images(data / "judge-train" / "images.jsonl")
         judge = train_judge(load_rgb_batch([p for p, _, _ in rows]), [a for _, a, _ in rows], epochs=JUDGE_EPOCHS,
-                            seed=seed)
+                            seed=seed, device=compute.device)
         scores = accuracy(judge, load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out])
         save_judge(judge, judge_dir / "judge.safetensors")
         _mark_done(judge_dir, {"held_out_accuracy": scores})
@@ -157,7 +203,8 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
         last: list[float] = []
         pretrain_captioner(backbone_dir / "random", backbone_dir / "captioner",
                            load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows],
-                           steps=size["caption_steps"], seed=seed, progress=_every(50, "backbone", log, last))
+                           steps=size["caption_steps"], seed=seed, progress=_every(50, "backbone", log, last),
+                           device=compute.device)
         _mark_done(backbone_dir, {"final_loss": last[-1] if last else None})
     backbone = backbone_dir / "captioner"
     from transformers import AutoTokenizer
@@ -175,9 +222,9 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
             train_world_generator(load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows], tokenizer,
                                   gen_dir / "model", steps=size["gen_steps"], batch_size=size["gen_batch"], seed=seed,
                                   lr=GENERATOR_LR, drop_factor=GENERATOR_DROP_FACTOR,
-                                  progress=_every(100, "generator", log))
+                                  progress=_every(100, "generator", log), device=compute.device, bf16=compute.bf16)
         report = _generator_report(gen_dir / "model", load_judge(judge_dir / "judge.safetensors"),
-                                   [a for _, a, _ in held_out[:96]], seed)
+                                   [a for _, a, _ in held_out[:96]], seed, compute)
         _mark_done(gen_dir, {**report, "source": "committed" if committed else "trained here"})
     stages["generator"] = json.loads((gen_dir / "done.json").read_text())
 
@@ -193,7 +240,8 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
                 "data.validation_pairs=null", f"backbone.path={backbone}", "generator.kind=tiny",
                 f"generator.path={gen_dir / 'model'}", f"optim.max_steps={size['encoder_steps']}",
                 f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
-                "runtime.checkpoint_every=100000", "runtime.log_every=25", *ENCODER_SETTINGS, *overrides])
+                "runtime.checkpoint_every=100000", "runtime.log_every=25", *ENCODER_SETTINGS, *overrides,
+                *compute.trainer_overrides()])
             train(config, resume=False, progress=False)
             _mark_done(enc_dir, {})
         adapters[name] = enc_dir / "run" / "adapter.safetensors"
@@ -201,16 +249,18 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
     return models, {"stages": stages, "held_out": str(data / "held-out" / "images.jsonl")}
 
 
-def _generator_report(model: Path, judge: FactorJudge, truth: list[Assignment], seed: int) -> dict:
+def _generator_report(model: Path, judge: FactorJudge, truth: list[Assignment], seed: int,
+                      compute: Compute = CPU) -> dict:
     """How well the judge reads back the generator's images of full captions, and of partial prompts
     (each naming a random half of the factors: scored on the named ones only)."""
-    transformer, text, layout = load_tiny_generator(model)
+    transformer, text, layout = load_generator(model, compute)
     full = accuracy(judge, sample_images(transformer, text, layout, [caption_without(a, set()) for a in truth],
-                                         seed=seed), truth)
+                                         seed=seed, bf16=compute.bf16), truth)
     rng = random.Random(seed + 5)
     omitted = [set(rng.sample(list(FACTORS), len(FACTORS) // 2)) for _ in truth]
     seen = judge.predict(sample_images(transformer, text, layout,
-                                       [caption_without(a, o) for a, o in zip(truth, omitted)], seed=seed))
+                                       [caption_without(a, o) for a, o in zip(truth, omitted)], seed=seed,
+                                       bf16=compute.bf16))
     partial = {}
     for f in FACTORS:
         named = [(s, a) for s, a, o in zip(seen, truth, omitted) if f not in o]
@@ -227,13 +277,19 @@ def _every(n: int, name: str, log: Callable[[str], None], last: list[float] | No
     return report
 
 
+def load_generator(folder: Path, compute: Compute = CPU):
+    """The frozen tiny generator (transformer, text encoder, layout) on ``compute``'s device."""
+    transformer, text, layout = load_tiny_generator(folder)
+    return transformer.to(compute.device), text.to(compute.device), layout
+
+
 def run_benchmark(size_name: str, work: Path, seed: int = 0, force: set[str] = frozenset(),
-                  variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print
-                  ) -> tuple[WorldModels, dict]:
+                  variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print,
+                  compute: Compute = CPU) -> tuple[WorldModels, dict]:
     """Train (or reuse) the world, evaluate every variant; writes results.json and results.md into ``work``."""
     started = time.time()
     work = Path(work).resolve()
-    models, info = train_world(size_name, work, seed, force, variants, log)
+    models, info = train_world(size_name, work, seed, force, variants, log, compute=compute)
     size = SIZES[size_name]
     held_out = read_images(Path(info["held_out"]))
     judge = load_judge(models.judge)
@@ -241,10 +297,11 @@ def run_benchmark(size_name: str, work: Path, seed: int = 0, force: set[str] = f
     rows, text_only = {}, None
     for name, adapter in models.adapters.items():
         rows[name] = evaluate(adapter, models.backbone, models.generator, judge, images, truth, size["eval_cases"], seed,
-                              text_only)
+                              text_only, compute=compute)
         text_only = rows[name]["text_only_baseline"]  # the same prompts and seeds for every encoder
         log(f"[{name}] {json.dumps(rows[name]['summary'])}")
-    report = {"size": size_name, "seed": seed, "stages": info["stages"], "rows": rows,
+    report = {"size": size_name, "seed": seed, "device": compute.device, "bf16": compute.bf16,
+              "stages": info["stages"], "rows": rows,
               "seconds": round(time.time() - started)}
     (work / "results.json").write_text(json.dumps(report, indent=2))
     (work / "results.md").write_text(render_table(report))
@@ -267,14 +324,15 @@ def oracle_tokens(oracle: OracleTokens) -> TokenSource:
 
 def evaluate(adapter: Path, backbone: Path, generator: Path, judge: FactorJudge, images: torch.Tensor,
              truth: list[Assignment], cases: int, seed: int, text_only: dict | None = None,
-             oracle: Path | None = None) -> dict:
+             oracle: Path | None = None, reuse_every: int | None = None, compute: Compute = CPU) -> dict:
     """Retrieval on held-out images (held-out phrasings); personalization and composition on fresh cases.
     ``text_only``: the text-only baseline of an earlier call with the same cases and seed (not recomputed).
-    ``oracle``: an oracle-token file (the diagnostic) gives the tokens instead of the encoder; no retrieval."""
+    ``oracle``: an oracle-token file (the diagnostic) gives the tokens instead of the encoder; no retrieval.
+    ``reuse_every``: sample with the guider's approximate "reuse Δ every k steps" rule instead of the exact one."""
     summary: dict = {}
     retrieval_rows: dict = {}
     if oracle is None:
-        encoder = load_encoder(backbone, adapter)
+        encoder = load_encoder(backbone, adapter, device=compute.device)
         embeddings = embed_by_factor(encoder, images)
         retrieval_rows = retrieval(embeddings, truth)
         mean = lambda key: sum(r[key] for r in retrieval_rows.values()) / len(retrieval_rows)  # noqa: E731
@@ -284,21 +342,24 @@ def evaluate(adapter: Path, backbone: Path, generator: Path, judge: FactorJudge,
         tokens_of = encoder_tokens(encoder)
     else:
         tokens_of = oracle_tokens(load_oracle(oracle))
-    generation = evaluate_generation(tokens_of, adapter, generator, judge, cases, seed, text_only)
+    generation = evaluate_generation(tokens_of, adapter, generator, judge, cases, seed, text_only, reuse_every, compute)
     return {"retrieval": retrieval_rows, **generation, "summary": {**summary, **generation["summary"]}}
 
 
 def evaluate_generation(tokens_of: TokenSource, adapter: Path, generator: Path, judge: FactorJudge, cases: int,
-                        seed: int, text_only: dict | None = None) -> dict:
+                        seed: int, text_only: dict | None = None, reuse_every: int | None = None,
+                        compute: Compute = CPU) -> dict:
     """Personalization (one reference, its asked factor left out of the prompt) and composition (2 and 3
     references) through the adapter's IP-Adapter on the frozen generator, read back by the judge.
 
     The text-only baseline samples the same prompts without tokens; the *text ceiling* samples prompts that
     name the reference's value of the asked factor: what the generator draws when told in words, the most
-    the tokens can be expected to give."""
-    transformer, text, layout = load_tiny_generator(generator)
+    the tokens can be expected to give. ``reuse_every``: the approximate flow-blend rule (each attribute's
+    v(E_i,∅) − v(∅,∅) evaluated every k steps, held in between) for the samples with tokens."""
+    transformer, text, layout = load_generator(generator, compute)
     file = load_adapter(adapter)
-    attach_to_diffusers(transformer, load_ip_adapter(file.metadata.generator, file.section("ip_adapter"), adapter.name))
+    ip = load_ip_adapter(file.metadata.generator, file.section("ip_adapter"), adapter.name).to(compute.device)
+    attach_to_diffusers(transformer, ip)
     rng = random.Random(seed + 11)
     factors = list(FACTORS)
     asked = [rng.choice(factors) for _ in range(cases)]
@@ -307,7 +368,7 @@ def evaluate_generation(tokens_of: TokenSource, adapter: Path, generator: Path, 
     prompts = [caption_without(t, {f}) for t, f in zip(targets, asked)]
     sample = lambda prompt, token_sets: judge.predict(sample_composed(  # noqa: E731
         transformer, text, layout, prompt, token_sets, [ATTRIBUTE_SCALE] * len(token_sets), seed=seed,
-        text_scale=TEXT_SCALE))
+        text_scale=TEXT_SCALE, reuse_every=reuse_every if token_sets else None, bf16=compute.bf16))
     personal = personalization_scores(sample(prompts, [tokens_of(refs, asked)]), refs, targets, asked)
     fresh = text_only is None
     if fresh:

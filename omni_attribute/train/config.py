@@ -111,6 +111,7 @@ class OptimConfig:
 @dataclass
 class RuntimeConfig:
     mixed_precision: str = "no"           # no | bf16 | fp16 (accelerate)
+    cpu: bool = False                     # train on the CPU even where a GPU is present (accelerate's cpu=True)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -386,7 +386,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
 
     records, backbone_info = preflight(config)
     validation = list(iter_records(shard_files(config.data.validation_pairs))) if config.data.validation_pairs else []
-    accelerator = Accelerator(mixed_precision=config.runtime.mixed_precision,
+    accelerator = Accelerator(mixed_precision=config.runtime.mixed_precision, cpu=config.runtime.cpu,
                               gradient_accumulation_steps=config.optim.grad_accum,
                               log_with="tensorboard" if config.runtime.tensorboard else None,
                               project_dir=config.output_dir)

@@ -178,3 +178,54 @@ def test_captioner_stage_trains_and_reloads(tmp_path, tiny_backbone):
                                     progress=lambda s, n, loss: losses.append(loss))
     assert len(losses) == 2 and all(abs(loss - 11.93) < 1.0 for loss in losses), losses  # untrained: ≈ ln(151936 tokens)
     assert load_backbone(pretrained).info()["hidden_size"] == 64
+
+
+def test_backbone_read_back_scores_the_likeliest_value_of_each_factor(tmp_path, tiny_backbone):
+    """The read-back picks, per factor, the value whose words the backbone finds likeliest: on an untrained
+    backbone it is a fraction in [0, 1] for every factor, and the same on a second call (no sampling)."""
+    from lab.world.captioner import read_back
+
+    rows = read_images(make_images(tmp_path / "img", 6, seed=5))
+    images, truth = load_rgb_batch([p for p, _, _ in rows]), [a for _, a, _ in rows]
+    first = read_back(tiny_backbone, images, truth)
+    assert set(first) == set(FACTORS) and all(v * len(truth) == round(v * len(truth)) for v in first.values())
+    assert all(0.0 <= v <= 1.0 for v in first.values())
+    assert read_back(tiny_backbone, images, truth) == first
+
+
+def test_generator_trains_and_samples_under_bf16_autocast(tmp_path, tiny_backbone, world_generator):
+    """--bf16 of the laboratory: the same code path under bf16 autocast (here on the CPU) trains with a finite
+    loss and samples images close to the fp32 ones from the same noise."""
+    from transformers import AutoTokenizer
+
+    from lab.world.generator import sample_images, train_world_generator
+    from omni_attribute.train.generator import load_tiny_generator
+
+    rows = read_images(make_images(tmp_path / "img", 8, seed=6))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone), fix_mistral_regex=False)
+    losses = []
+    train_world_generator(load_rgb_batch([p for p, _, _ in rows]), [a for _, a, _ in rows], tokenizer,
+                          tmp_path / "bf16-world", steps=2, batch_size=2, bf16=True,
+                          progress=lambda s, n, loss: losses.append(loss))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    transformer, text, layout = load_tiny_generator(world_generator)
+    captions = ["a small plain red circle", "a large striped blue square"]
+    full = sample_images(transformer, text, layout, captions, steps=4)
+    half = sample_images(transformer, text, layout, captions, steps=4, bf16=True)
+    assert half.dtype == torch.float32 and half.device.type == "cpu"
+    assert 0 < (half - full).abs().mean() < 0.05, (half - full).abs().mean()
+
+
+def test_compute_options_of_the_laboratory_commands():
+    import argparse
+
+    from lab.world.pipeline import CPU, Compute, add_compute_arguments, compute_from
+
+    parser = argparse.ArgumentParser()
+    add_compute_arguments(parser)
+    assert compute_from(parser.parse_args([]), parser) == CPU == Compute("cpu", False)
+    assert compute_from(parser.parse_args(["--bf16"]), parser) == Compute("cpu", True)
+    assert Compute("cpu", True).trainer_overrides()[0] == "runtime.mixed_precision=bf16"
+    for bad in (["--device", "nonsense"], ["--device", "meta"]) + ((["--device", "cuda"],) if not torch.cuda.is_available() else ()):
+        with pytest.raises(SystemExit):
+            compute_from(parser.parse_args(bad), parser)
