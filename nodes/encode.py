@@ -7,8 +7,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from omni_attribute.comfy_text_encoder_file import is_text_encoder_file
 from omni_attribute.encoder import load_encoder
 from omni_attribute.errors import OmniAttributeError
+from omni_attribute.float8 import WEIGHT_DTYPES as FLOAT8_CHOICES
 from omni_attribute.prompt import parse_attribute_text
 
 from . import folders, inputs
@@ -19,6 +21,7 @@ from .sockets import Embeds, Encoder
 CATEGORY = "Omni-Attribute"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 DEVICES = ["default", "cpu", "gpu"]
+WEIGHT_DTYPES = list(FLOAT8_CHOICES)
 ADAPTER_WHAT = "Omni-Attribute adapter .safetensors file"
 
 
@@ -29,35 +32,46 @@ class LoadOmniAttributeEncoder(io.ComfyNode):
             node_id="OmniAttributeEncoderLoader",
             display_name="Load Omni-Attribute Encoder",
             category=CATEGORY,
-            description=("Loads the attribute encoder: a Qwen2.5-VL backbone folder (the vision-language model, MLLM) "
-                         "and an Omni-Attribute adapter (LoRA + connector)."),
+            description=("Loads the attribute encoder: a Qwen2.5-VL backbone (the vision-language model, MLLM: an HF "
+                         "folder, or ComfyUI's own qwen_2.5_vl_7b text-encoder file) and an Omni-Attribute adapter "
+                         "(LoRA + connector)."),
             inputs=[
                 io.Combo.Input("backbone", options=folders.list_backbones(),
-                               tooltip="HF-format Qwen2.5-VL folder in models/omni_attribute_backbones or models/LLM"),
+                               tooltip=("HF-format Qwen2.5-VL folder in models/omni_attribute_backbones or models/LLM, "
+                                        "or text_encoders/qwen_2.5_vl_7b*.safetensors (ComfyUI's Qwen-Image text "
+                                        "encoder, plain or fp8_scaled: no second download)")),
                 io.Combo.Input("adapter", options=folder_paths.get_filename_list(folders.ADAPTERS),
                                tooltip="Omni-Attribute adapter .safetensors in models/omni_attribute"),
                 io.Combo.Input("dtype", options=DTYPES, default="auto"),
                 io.Combo.Input("device", options=DEVICES, default="default",
                                tooltip="default: ComfyUI's text-encoder device; the encoder is offloaded while sampling"),
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default", optional=True,
+                               tooltip=("default: the backbone's weights in dtype; fp8_e4m3fn: its Linear weights held "
+                                        "in 8 bits (per-row scales, computed in dtype): about half the memory of bf16")),
             ],
             outputs=[Encoder.Output(display_name="encoder")],
         )
 
     @classmethod
-    def validate_inputs(cls, backbone=None, adapter=None, dtype=None, device=None) -> bool | str:
+    def validate_inputs(cls, backbone=None, adapter=None, dtype=None, device=None, weight_dtype=None) -> bool | str:
         return inputs.verdict(folders.backbone_problem(backbone),
                               inputs.file_problem("adapter", adapter, folders.ADAPTERS, ADAPTER_WHAT),
                               inputs.choice_problem("dtype", dtype, DTYPES),
-                              inputs.choice_problem("device", device, DEVICES))
+                              inputs.choice_problem("device", device, DEVICES),
+                              inputs.choice_problem("weight_dtype", weight_dtype, WEIGHT_DTYPES))
 
     @classmethod
-    def execute(cls, backbone: str, adapter: str, dtype: str, device: str) -> io.NodeOutput:
-        inputs.ensure(inputs.choice_problem("dtype", dtype, DTYPES), inputs.choice_problem("device", device, DEVICES))
+    def execute(cls, backbone: str, adapter: str, dtype: str, device: str,
+                weight_dtype: str = "default") -> io.NodeOutput:
+        inputs.ensure(inputs.choice_problem("dtype", dtype, DTYPES), inputs.choice_problem("device", device, DEVICES),
+                      inputs.choice_problem("weight_dtype", weight_dtype, WEIGHT_DTYPES))
         backbone_path = folders.resolve_backbone(backbone)
         adapter_path = inputs.resolve_file("adapter", adapter, folders.ADAPTERS, ADAPTER_WHAT)
+        tokenizer_dir = folders.qwen25_tokenizer_dir() if is_text_encoder_file(backbone_path) else None
         load_device, offload_device = pick_devices(device)
         torch_dtype = pick_dtype(dtype, load_device)
-        encoder = load_encoder(backbone_path, adapter_path, dtype=torch_dtype, device=offload_device)
+        encoder = load_encoder(backbone_path, adapter_path, dtype=torch_dtype, device=offload_device,
+                               weight_dtype=weight_dtype, tokenizer_dir=tokenizer_dir)
         return io.NodeOutput(EncoderHandle.wrap(encoder, load_device, offload_device))
 
 

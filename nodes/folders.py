@@ -7,6 +7,7 @@ the user's paths: we append our default paths behind theirs and set the file ext
 from __future__ import annotations
 
 import os
+import re
 
 import folder_paths
 
@@ -92,16 +93,61 @@ def resolve_model_folder(key: str, name: str, marker: str, what: str, input_name
     raise InputError(f"{input_name}: the {key} folder {name!r} disappeared while loading: put it back and run again")
 
 
+TEXT_ENCODERS = "text_encoders"                 # ComfyUI's own folder: qwen_2.5_vl_7b*.safetensors
+TEXT_ENCODER_PREFIX = "text_encoders/"          # how those files appear among the backbone options
+QWEN_VL_NAME = re.compile(r"qwen.*vl", re.IGNORECASE)
+
+
+def list_text_encoder_files() -> list[str]:
+    """Qwen2.5-VL files in ComfyUI's text_encoders folder (by name: listing must not read every file)."""
+    if TEXT_ENCODERS not in folder_paths.folder_names_and_paths:
+        return []
+    return [TEXT_ENCODER_PREFIX + n for n in folder_paths.get_filename_list(TEXT_ENCODERS)
+            if n.lower().endswith(".safetensors") and QWEN_VL_NAME.search(os.path.basename(n))]
+
+
 def list_backbones() -> list[str]:
-    return list_model_folders(BACKBONES, "config.json")
+    """HF folders first (the options existing workflows hold), then ComfyUI's Qwen2.5-VL text-encoder files."""
+    return list_model_folders(BACKBONES, "config.json") + list_text_encoder_files()
 
 
-BACKBONE_WHAT = "HF-format Qwen2.5-VL folder"
+BACKBONE_WHAT = "HF-format Qwen2.5-VL folder (or ComfyUI's qwen_2.5_vl_7b*.safetensors in models/text_encoders)"
 
 
 def backbone_problem(name) -> str | None:
+    if isinstance(name, str) and name.startswith(TEXT_ENCODER_PREFIX):
+        file = name[len(TEXT_ENCODER_PREFIX):]
+        if not file.lower().endswith(".safetensors"):
+            return f"backbone {short(name)}: a text-encoder backbone must be a .safetensors file (qwen_2.5_vl_7b*.safetensors)"
+        if file in folder_paths.get_filename_list(TEXT_ENCODERS):  # any file there: a wrong model is explained at load
+            if folder_paths.get_full_path(TEXT_ENCODERS, file) is None:
+                return f"backbone {name!r} is listed but cannot be read (a broken link?): fix or remove it"
+            return None
+        listed = ", ".join(repr(o) for o in list_text_encoder_files()[:8]) or "none"
+        return (f"backbone {short(name)} is not a file in {', '.join(folder_paths.get_folder_paths(TEXT_ENCODERS))}: "
+                f"put ComfyUI's qwen_2.5_vl_7b.safetensors (or its fp8_scaled variant) there, or pick one of {listed}")
     return model_folder_problem("backbone", BACKBONES, name, "config.json", BACKBONE_WHAT)
 
 
 def resolve_backbone(name: str) -> str:
+    """Full path of a backbone option: an HF folder, or a text-encoder file."""
+    if isinstance(name, str) and name.startswith(TEXT_ENCODER_PREFIX):
+        problem = backbone_problem(name)
+        if problem:
+            raise InputError(problem)
+        return folder_paths.get_full_path(TEXT_ENCODERS, name[len(TEXT_ENCODER_PREFIX):])
     return resolve_model_folder(BACKBONES, name, "config.json", BACKBONE_WHAT)
+
+
+def qwen25_tokenizer_dir() -> str:
+    """ComfyUI's shipped Qwen2.5 tokenizer (comfy/text_encoders/qwen25_tokenizer), for text-encoder backbones."""
+    import comfy  # a namespace package: no __file__
+
+    roots = [os.path.realpath(p) for p in getattr(comfy, "__path__", [])]
+    paths = [os.path.join(root, "text_encoders", "qwen25_tokenizer") for root in roots]
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "vocab.json")):
+            return path
+    where = paths[0] if paths else "comfy/text_encoders/qwen25_tokenizer"
+    raise InputError(f"ComfyUI's Qwen2.5 tokenizer is missing ({where}): the ComfyUI install is incomplete; "
+                     "reinstall ComfyUI, or use an HF-format backbone folder (it carries its own tokenizer)")
