@@ -2,7 +2,13 @@
 Qwen2.5-VL; the tiny world's backbone (random at birth) is first trained on world images to caption them
 ("Describe the image:" → the caption) and to answer attribute requests ("Describe the <phrasing>:" → that
 factor's words), next-token loss on the answer only, then frozen like the real one. Only the training
-phrasings are used, so the held-out phrasings stay unseen. Saved as an HF-format folder."""
+phrasings are used, so the held-out phrasings stay unseen. Saved as an HF-format folder.
+
+Captioning alone teaches the random tiny backbone colours and backgrounds (per-pixel statistics) but hardly
+shape, pattern or lighting in the steps CI can afford (BENCHMARKS.md, read-back). A real Qwen2.5-VL comes
+with that sight from web-scale pre-training; the world stands in for it with an auxiliary loss during
+pre-training only: linear read-outs of every factor from the mean of the last hidden states over the image
+tokens, trained jointly and then thrown away (``factor_weight``; 0 = captioning alone)."""
 
 from __future__ import annotations
 
@@ -35,6 +41,23 @@ from .generator import clipped_step
 
 TURN_END = "<|im_end|>\n<|im_start|>assistant\n"
 CAPTION_SHARE = 0.5  # the rest of the samples are attribute requests
+
+
+class FactorReadout(torch.nn.Module):
+    """One linear classifier per factor over the image tokens' mean last hidden state (pre-training only)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({f: torch.nn.Linear(width, len(v)) for f, v in FACTORS.items()})
+
+    def loss(self, hidden: torch.Tensor, image_positions: torch.Tensor, assignments: list[Assignment]) -> torch.Tensor:
+        weights = image_positions.to(hidden.dtype)
+        pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        losses = []
+        for factor, head in self.heads.items():
+            target = torch.tensor([FACTORS[factor].index(a[factor]) for a in assignments], device=hidden.device)
+            losses.append(F.cross_entropy(head(pooled).float(), target))
+        return torch.stack(losses).mean()
 
 
 def caption_or_request(assignment: Assignment, rng: random.Random) -> tuple[str, str]:
@@ -86,12 +109,15 @@ def _image_helper(backbone, image_pixels: int, device: str | torch.device) -> At
 
 def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
                        steps: int = 800, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
-                       image_pixels: int = 112 * 112, progress=None, device: str | torch.device = "cpu") -> Path:
+                       image_pixels: int = 112 * 112, progress=None, device: str | torch.device = "cpu",
+                       factor_weight: float = 0.0) -> Path:
     backbone = load_backbone(random_folder)
     model, tokenizer = backbone.model.to(device), backbone.tokenizer
     model.requires_grad_(True).train()
     helper = _image_helper(backbone, image_pixels, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    readout = FactorReadout(model.config.text_config.hidden_size).to(device)
+    parameters = list(model.parameters()) + (list(readout.parameters()) if factor_weight else [])
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -107,7 +133,10 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
         keep = answer[:, 1:]
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
-        clipped_step(loss, model.parameters(), optimizer, schedule)
+        if factor_weight:
+            image_positions = ids == model.config.image_token_id
+            loss = loss + factor_weight * readout.loss(hidden, image_positions, [assignments[i] for i in index])
+        clipped_step(loss, parameters, optimizer, schedule)
         if progress:
             progress(step + 1, steps, float(loss.detach()))
     out = Path(out_folder)

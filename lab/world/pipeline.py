@@ -66,6 +66,10 @@ GENERATOR_LR = 1e-3
 JUDGE_EPOCHS = 12
 # The tiny MLLM: a real Qwen2.5-VL architecture, 4 layers of width 128, a 4-block vision tower of width 64.
 BACKBONE_SHAPE = {"hidden_size": 128, "layers": 4, "vision_hidden": 64, "vision_depth": 4}
+# Weight of the backbone pre-training's auxiliary factor read-out (lab.world.captioner). Read-back of 96 held-out
+# images after 250 steps (BENCHMARKS.md): captioning alone sees colour 0.98 and background 1.00 but shape 0.25,
+# pattern 0.33, lighting 0.31 (chance 0.25-0.33); with the read-out at weight 1 pattern 0.98, lighting 0.79.
+BACKBONE_FACTOR_WEIGHT = 1.0
 # Measured at CI size, contrastive loss only, 200-300 steps, selectivity on held-out images (BENCHMARKS.md):
 # lr 3e-4 barely moves Lcon in the steps we can afford and 3e-3 stalls it, 1e-3 works (3e-3 for the
 # IP-Adapter); one (a+, a−) tuple per pair, no image positions, a 64-wide 2-layer connector: +0.01;
@@ -197,14 +201,15 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
     stages["judge"] = json.loads((judge_dir / "done.json").read_text())
 
     backbone_dir, cached = _stage(work, "backbone", {"data": data.name, "steps": size["caption_steps"], "seed": seed,
-                                                     "shape": BACKBONE_SHAPE, "v": 2}, force, log)
+                                                     "shape": BACKBONE_SHAPE, "factor_weight": BACKBONE_FACTOR_WEIGHT,
+                                                     "v": 3}, force, log)
     if not cached:
         make_tiny_backbone_folder(backbone_dir / "random", seed=seed, **BACKBONE_SHAPE)
         last: list[float] = []
         pretrain_captioner(backbone_dir / "random", backbone_dir / "captioner",
                            load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows],
                            steps=size["caption_steps"], seed=seed, progress=_every(50, "backbone", log, last),
-                           device=compute.device)
+                           device=compute.device, factor_weight=BACKBONE_FACTOR_WEIGHT)
         _mark_done(backbone_dir, {"final_loss": last[-1] if last else None})
     backbone = backbone_dir / "captioner"
     from transformers import AutoTokenizer

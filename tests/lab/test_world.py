@@ -180,6 +180,26 @@ def test_captioner_stage_trains_and_reloads(tmp_path, tiny_backbone):
     assert load_backbone(pretrained).info()["hidden_size"] == 64
 
 
+def test_captioner_factor_read_out_adds_one_classification_loss_per_factor(tmp_path, tiny_backbone):
+    """With ``factor_weight`` the first step's loss is the caption loss plus the untrained read-outs'
+    cross-entropy, about the mean over factors of ln(number of values)."""
+    import math
+
+    from lab.world.captioner import pretrain_captioner
+    from lab.world.factors import FACTORS
+
+    rows = read_images(make_images(tmp_path / "img", 8, seed=4))
+    first = {}
+    for weight in (0.0, 1.0):
+        losses = []
+        pretrain_captioner(tiny_backbone, tmp_path / f"bb{weight}", load_rgb_batch([p for p, _, _ in rows]),
+                           [a for _, a, _ in rows], steps=1, batch_size=2, factor_weight=weight,
+                           progress=lambda s, n, loss: losses.append(loss))
+        first[weight] = losses[0]
+    uniform = sum(math.log(len(values)) for values in FACTORS.values()) / len(FACTORS)
+    assert abs(first[1.0] - first[0.0] - uniform) < 0.5, (first, uniform)
+
+
 def test_backbone_read_back_scores_the_likeliest_value_of_each_factor(tmp_path, tiny_backbone):
     """The read-back picks, per factor, the value whose words the backbone finds likeliest: on an untrained
     backbone it is a fraction in [0, 1] for every factor, and the same on a second call (no sampling)."""
