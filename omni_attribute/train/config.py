@@ -52,6 +52,12 @@ class AdapterConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
     init_from: str | None = None          # continue from an existing adapter file
+    # Train only the IP-Adapter, on the tokens of the init_from adapter's encoder (LoRA and connector frozen; Lgen
+    # only): a second stage after an encoder stage, or an IP path for another DiT of the family. No backward pass
+    # through the MLLM (tiny world: 0.13 s a step instead of 0.87 s). The IP path learns fast from tokens that
+    # hold still when they carry the attribute (oracle tokens: 200 steps); on the tiny world's 200-step encoder it
+    # gains less than training the encoder longer (BENCHMARKS.md, issue 12).
+    freeze_encoder: bool = False
 
     def metadata(self, backbone_info: dict, out_dim: int, training: dict | None = None,
                  generator: dict | None = None) -> AdapterMetadata:
@@ -189,6 +195,12 @@ def check_values(config: TrainConfig) -> None:
     if config.loss.oracle_tokens and (config.loss.lambda_con != 0 or config.loss.lambda_gen <= 0):
         problems.append("loss.oracle_tokens replaces the encoder in the generative loss only: set loss.lambda_con=0 "
                         "and loss.lambda_gen > 0")
+    if config.adapter.freeze_encoder and not config.adapter.init_from:
+        problems.append("adapter.freeze_encoder trains the IP-Adapter on a fixed encoder: set adapter.init_from to the "
+                        "adapter file of the encoder stage")
+    if config.adapter.freeze_encoder and (config.loss.lambda_con != 0 or config.loss.lambda_gen <= 0):
+        problems.append("adapter.freeze_encoder leaves only the IP-Adapter to train, which only Lgen reaches: set "
+                        "loss.lambda_con=0 and loss.lambda_gen > 0")
     if config.loss.tau <= 0:
         problems.append(f"loss.tau must be positive, got {config.loss.tau}")
     if config.loss.attributes_per_pair < 1:

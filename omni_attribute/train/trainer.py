@@ -165,9 +165,10 @@ def build_model(config: TrainConfig, backbone_info: dict, records: list = ()) ->
         generator.transformer.enable_gradient_checkpointing()
     for param in generator.ip.parameters():
         param.requires_grad_(True)
+    if config.adapter.freeze_encoder or config.loss.oracle_tokens:
+        encoder.requires_grad_(False)  # only the IP-Adapter trains (and the oracle table, which replaces the encoder)
     oracle = None
     if config.loss.oracle_tokens:
-        encoder.requires_grad_(False)  # not used: only the IP-Adapter and the oracle table train
         oracle = OracleTokens([label for r in records for label in r.labels], config.adapter.num_tokens,
                               generator.layout.context_dim)
     model = OmniAttributeModel(encoder, generator, config, oracle)

@@ -81,9 +81,34 @@ def test_reconstruction_makes_the_reference_the_target(tmp_path, tiny_pairs, tin
         assert caption == own and caption in captions
 
 
+def test_a_frozen_encoder_stage_trains_only_the_ip_adapter_on_the_first_stage_tokens(tmp_path, tiny_pairs, tiny_backbone):
+    first = tiny_config(tmp_path / "a", tiny_pairs, tiny_backbone, "optim.max_steps=4", "runtime.validate_every=0")
+    train(first, resume=False, progress=False)
+    start = tmp_path / "a" / "run" / "adapter.safetensors"
+    config = tiny_config(tmp_path / "b", tiny_pairs, tiny_backbone, f"adapter.init_from={start}",
+                         "adapter.freeze_encoder=true", "loss.lambda_con=0", "optim.max_steps=6",
+                         "runtime.validate_every=0", "optim.ip_lr_scale=3")
+    records, info = preflight(config)
+    model = build_model(config, info, records)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("generator.ip.") for n in trainable), sorted(trainable)[:5]
+    train(config, resume=False, progress=False)
+    before, after = load_adapter(start), load_adapter(tmp_path / "b" / "run" / "adapter.safetensors")
+    for section in ("lora", "connector"):
+        assert before.section(section).keys() == after.section(section).keys()
+        assert all(torch.equal(before.section(section)[k], after.section(section)[k]) for k in before.section(section))
+    assert any(not torch.equal(before.section("ip_adapter")[k], v) for k, v in after.section("ip_adapter").items())
+
+
 def test_bad_diagnostic_settings_and_unlabelled_pairs_are_refused(tmp_path, tiny_pairs, tiny_backbone):
     with pytest.raises(ConfigError, match="loss.oracle_tokens .*set loss.lambda_con=0"):
         tiny_config(tmp_path, tiny_pairs, tiny_backbone, "loss.oracle_tokens=true")
+    with pytest.raises(ConfigError, match="adapter.freeze_encoder trains the IP-Adapter on a fixed encoder: set "
+                                          "adapter.init_from"):
+        tiny_config(tmp_path, tiny_pairs, tiny_backbone, "adapter.freeze_encoder=true", "loss.lambda_con=0")
+    with pytest.raises(ConfigError, match="adapter.freeze_encoder leaves only the IP-Adapter .* set loss.lambda_con=0"):
+        tiny_config(tmp_path, tiny_pairs, tiny_backbone, "adapter.freeze_encoder=true",
+                    f"adapter.init_from={tiny_backbone}")
     with pytest.raises(ConfigError, match=r"loss.reconstruct must be in \[0, 1\], got nan"):
         tiny_config(tmp_path, tiny_pairs, tiny_backbone, "loss.reconstruct=.nan")
     config = tiny_config(tmp_path, tiny_pairs, tiny_backbone, "loss.oracle_tokens=true", "loss.lambda_con=0")
