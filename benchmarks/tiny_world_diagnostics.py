@@ -12,10 +12,13 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   IP-Adapter and that table train, with Lgen. What the generation path can carry at all.
 - oracle-reconstruction: the same with reference = target (loss.reconstruct=1).
 - reconstruction: the real encoder, Lgen only, reference = target (the original IP-Adapter recipe).
-- omni: the Omni-Attribute recipe of the benchmark table (Lgen + Lcon), for comparison.
+- omni: the Omni-Attribute recipe of the benchmark table (Lgen + Lcon), for comparison; contrastive-only: the
+  table's Lcon-only row (with --train-seed: the selectivity gap between them at another training seed).
 - recipe candidates, each the omni recipe with one change: omni-from-oracle (the IP-Adapter starts from the
   oracle run's, through adapter.init_from: an IP path that already listens to tokens), omni-ip-lr (the
   IP-Adapter's learning rate ×10 instead of ×3), omni-long (1000 steps instead of 200).
+- omni-then-ip: a second stage after omni — its encoder frozen (adapter.freeze_encoder), only its IP-Adapter
+  trained on, with Lgen (600 steps): the oracle's situation (tokens that hold still) with the real encoder.
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -78,13 +81,16 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "oracle-reconstruction": ([*LGEN_ONLY, "loss.oracle_tokens=true", "loss.reconstruct=1"], 1500),
     "reconstruction": ([*LGEN_ONLY, "loss.reconstruct=1"], 200),
     "omni": (VARIANTS[OMNI], 200),
+    "contrastive-only": (VARIANTS["contrastive loss only"], 200),  # the table's row, e.g. at another --train-seed
     # recipe candidates (item 2), each the omni recipe with one change
     "omni-from-oracle": (VARIANTS[OMNI], 200),  # the IP-Adapter starts from the oracle run's (adapter.init_from)
     "omni-ip-lr": ([*VARIANTS[OMNI], "optim.ip_lr_scale=10"], 200),
     "omni-long": (VARIANTS[OMNI], 1000),
+    # a second stage: the omni run's encoder frozen, only its IP-Adapter trained further with Lgen
+    "omni-then-ip": ([*LGEN_ONLY, "adapter.freeze_encoder=true"], 600),
 }
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
-STARTS_FROM = {"omni-from-oracle": "oracle"}
+STARTS_FROM = {"omni-from-oracle": "oracle", "omni-then-ip": "omni"}
 
 
 def lgen_with_and_without_tokens(config, pairs: int = 64) -> dict[str, float]:
@@ -184,6 +190,11 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
     return report
 
 
+def _number(value: float | None) -> str:
+    """A logged statistic, or — where the run has none (no IP gradient without Lgen)."""
+    return "—" if value is None else f"{value:.3g}"
+
+
 def render(report: dict) -> str:
     base = report["text_only_baseline"]
     lines = [f"Generation diagnostics — tiny world size {report['size']}, seed {report['seed']}, training seed "
@@ -199,7 +210,7 @@ def render(report: dict) -> str:
         lines.append(f"| {name} | {row['steps']} | {s['attribute_fidelity']:.3f} ± {s['attribute_fidelity_spread']:.3f} | "
                      f"{s['copy_paste']:.3f} | {s['composition_2']:.3f} ({s['composition_2_all']:.3f}) | "
                      f"{lg['lgen_with_tokens']:.4f} / {lg['lgen_without_tokens']:.4f} | {end['ip_ratio']:.3f} "
-                     f"({end['ip_ratio_max']:.3f}) | {end['ip_grad_norm']:.3g} | {end['ip_value_norm']:.3g} |")
+                     f"({end['ip_ratio_max']:.3f}) | {_number(end['ip_grad_norm'])} | {_number(end['ip_value_norm'])} |")
     approximate = [(name, k, s) for name, row in report["experiments"].items()
                    for k, s in row.get("approximate", {}).items()]
     if approximate:
@@ -219,8 +230,8 @@ def render(report: dict) -> str:
             lines.append(f"- {ask}: " + ", ".join(f"{f} {v:.2f}" for f, v in scores.items()))
     lines += ["", "Over training (step: Lgen, mean IP ratio, IP grad norm, IP value norm):", ""]
     for name, row in report["experiments"].items():
-        points = "; ".join(f"{c['step']}: {c['lgen']:.4f}, {c['ip_ratio']:.3f}, {c['ip_grad_norm']:.3g}, "
-                           f"{c['ip_value_norm']:.3g}" for c in row["curve"])
+        points = "; ".join(f"{c['step']}: {c['lgen']:.4f}, {c['ip_ratio']:.3f}, {_number(c['ip_grad_norm'])}, "
+                           f"{_number(c['ip_value_norm'])}" for c in row["curve"])
         lines.append(f"- {name}: {points}")
     return "\n".join(lines) + "\n"
 
