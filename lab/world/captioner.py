@@ -115,8 +115,8 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
     model, tokenizer = backbone.model.to(device), backbone.tokenizer
     model.requires_grad_(True).train()
     helper = _image_helper(backbone, image_pixels, device)
-    readout = FactorReadout(model.config.text_config.hidden_size).to(device)
-    parameters = list(model.parameters()) + (list(readout.parameters()) if factor_weight else [])
+    readout = FactorReadout(model.config.text_config.hidden_size).to(device) if factor_weight else None
+    parameters = list(model.parameters()) + (list(readout.parameters()) if readout else [])
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -133,7 +133,7 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
         keep = answer[:, 1:]
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
-        if factor_weight:
+        if readout:
             image_positions = ids == model.config.image_token_id
             loss = loss + factor_weight * readout.loss(hidden, image_positions, [assignments[i] for i in index])
         clipped_step(loss, parameters, optimizer, schedule)
