@@ -12,11 +12,14 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   IP-Adapter and that table train, with Lgen. What the generation path can carry at all.
 - oracle-reconstruction: the same with reference = target (loss.reconstruct=1).
 - reconstruction: the real encoder, Lgen only, reference = target (the original IP-Adapter recipe).
-- omni: the Omni-Attribute recipe of the benchmark table (Lgen + Lcon), for comparison; contrastive-only: the
-  table's Lcon-only row (with --train-seed: the selectivity gap between them at another training seed).
+- omni: the Omni-Attribute recipe of the benchmark table (Lgen + Lcon) at 200 steps, for comparison;
+  contrastive-only and generative-only: the table's Lcon-only and Lgen-only rows at 200 steps (with
+  --train-seed: the gaps between them at another training seed; --steps 1000 for the table's committed
+  1000-step encoders).
 - recipe candidates, each the omni recipe with one change: omni-from-oracle (the IP-Adapter starts from the
   oracle run's, through adapter.init_from: an IP path that already listens to tokens), omni-ip-lr (the
-  IP-Adapter's learning rate ×10 instead of ×3), omni-long (1000 steps instead of 200).
+  IP-Adapter's learning rate ×10 instead of ×3), omni-long (1000 steps instead of 200: the recipe of the
+  committed CI encoders; with --train-seed 1 the other seed of CI's margins).
 - omni-then-ip: a second stage after omni — its encoder frozen (adapter.freeze_encoder), only its IP-Adapter
   trained on, with Lgen (600 steps): the oracle's situation (tokens that hold still) with the real encoder.
 
@@ -82,6 +85,7 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "reconstruction": ([*LGEN_ONLY, "loss.reconstruct=1"], 200),
     "omni": (VARIANTS[OMNI], 200),
     "contrastive-only": (VARIANTS["contrastive loss only"], 200),  # the table's row, e.g. at another --train-seed
+    "generative-only": (VARIANTS["generative loss only"], 200),    # likewise
     # recipe candidates (item 2), each the omni recipe with one change
     "omni-from-oracle": (VARIANTS[OMNI], 200),  # the IP-Adapter starts from the oracle run's (adapter.init_from)
     "omni-ip-lr": ([*VARIANTS[OMNI], "optim.ip_lr_scale=10"], 200),

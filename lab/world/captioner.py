@@ -141,6 +141,7 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
             progress(step + 1, steps, float(loss.detach()))
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
+    model.config.text_config.name_or_path = ""  # the random folder's path: no machine path in the saved config
     model.cpu().eval().save_pretrained(str(out), safe_serialization=True)
     copy_tokenizer(random_folder, out)
     return out

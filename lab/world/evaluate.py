@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -83,10 +85,12 @@ def attribute_tokens(encoder, images: torch.Tensor, factors: list[str], phrasing
 
 def personalization_scores(judged: list[dict], references: list[Assignment], targets: list[Assignment],
                            asked: list[str]) -> dict[str, float]:
-    """attribute fidelity: the asked factor has the reference's value; text fidelity: the other factors
-    have the prompt's values; copy-paste: where reference and prompt differ on another factor, how
-    often the image shows the reference's value instead."""
+    """attribute fidelity: the asked factor has the reference's value (also per asked factor, and case by
+    case: ``hits``); text fidelity: the other factors have the prompt's values; copy-paste: where reference
+    and prompt differ on another factor, how often the image shows the reference's value instead."""
     fidelity, text, copied, copy_cases = 0.0, 0.0, 0.0, 0
+    hits = [int(seen[f] == ref[f]) for seen, ref, f in zip(judged, references, asked)]
+    by_factor = {g: [h for h, f in zip(hits, asked) if f == g] for g in FACTORS}
     for seen, ref, target, f in zip(judged, references, targets, asked):
         fidelity += seen[f] == ref[f]
         others = [g for g in FACTORS if g != f]
@@ -96,7 +100,17 @@ def personalization_scores(judged: list[dict], references: list[Assignment], tar
                 copy_cases += 1
                 copied += seen[g] == ref[g]
     n = len(judged)
-    return {"attribute_fidelity": fidelity / n, "text_fidelity": text / n, "copy_paste": copied / max(1, copy_cases)}
+    return {"attribute_fidelity": fidelity / n, "text_fidelity": text / n, "copy_paste": copied / max(1, copy_cases),
+            "attribute_fidelity_by_factor": {g: sum(h) / len(h) for g, h in by_factor.items() if h}, "hits": hits}
+
+
+def paired_gap_spread(hits: list[int], baseline_hits: list[int]) -> float:
+    """Standard error of the mean per-case difference of two hit lists on the same cases (the spread of a
+    fidelity gap over a baseline sampled with the same prompts and seeds: smaller than the two binomial errors)."""
+    differences = [a - b for a, b in zip(hits, baseline_hits, strict=True)]
+    mean = sum(differences) / len(differences)
+    variance = sum((d - mean) ** 2 for d in differences) / max(1, len(differences) - 1)
+    return math.sqrt(variance / len(differences))
 
 
 def composition_scores(judged: list[dict], references: list[list[Assignment]], asked: list[list[str]]) -> float:
@@ -105,10 +119,9 @@ def composition_scores(judged: list[dict], references: list[list[Assignment]], a
     return sum(hits) / len(hits)
 
 
-def composition_all(judged: list[dict], references: list[list[Assignment]], asked: list[list[str]]) -> float:
-    """Fraction of cases whose image carries every asked attribute at once."""
-    return sum(all(seen[f] == ref[f] for ref, f in zip(refs, fs))
-               for seen, refs, fs in zip(judged, references, asked)) / len(judged)
+def composition_all_hits(judged: list[dict], references: list[list[Assignment]], asked: list[list[str]]) -> list[int]:
+    """Per case: 1 when the generated image carries every asked attribute at once."""
+    return [int(all(seen[f] == ref[f] for ref, f in zip(refs, fs))) for seen, refs, fs in zip(judged, references, asked)]
 
 
 def selectivity(retrieval_rows: dict[str, dict]) -> float:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from devtools.fixtures import make_tiny_backbone_folder
+from devtools.fixtures import copy_tokenizer, make_tiny_backbone_folder, qwen25_tokenizer_dir
 from omni_attribute.adapter_file import load_adapter
 from omni_attribute.encoder import load_encoder
 from omni_attribute.images import load_rgb_batch, pil_to_tensor
@@ -30,9 +30,10 @@ from omni_attribute.train.trainer import train
 from .captioner import pretrain_captioner
 from .evaluate import (
     attribute_tokens,
-    composition_all,
+    composition_all_hits,
     composition_scores,
     embed_by_factor,
+    paired_gap_spread,
     personalization_scores,
     retrieval,
     selectivity,
@@ -43,7 +44,7 @@ from .generator import sample_composed, sample_images, train_world_generator
 from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
 from .pairs import make_images, make_pairs, read_images
 from .render import render
-from .weights import install, matching_generator
+from .weights import COMMAND_STAGE, install, matching, model_hash
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = REPO / "configs" / "train_tiny.yaml"
@@ -52,8 +53,9 @@ SIZES: dict[str, dict] = {
     "full": {"gen_images": 4000, "gen_steps": 1000, "gen_batch": 48, "caption_steps": 400, "judge_images": 4000,
              "pairs": 2000, "encoder_steps": 300, "encoder_batch": 8, "eval_images": 240, "eval_cases": 72},
     "ci": {"gen_images": 2000, "gen_steps": 4000, "gen_batch": 32, "caption_steps": 250, "judge_images": 4000,
-           "pairs": 800, "encoder_steps": 200, "encoder_batch": 8, "eval_images": 160, "eval_cases": 144},
-    # for a lent GPU (--device cuda): the ci world with ten times the encoder steps and twice the cases
+           "pairs": 800, "encoder_steps": 1000, "encoder_batch": 8, "eval_images": 160, "eval_cases": 144},
+    # for a lent GPU (--device cuda): the ci world with twice the encoder steps at twice the batch, a backbone
+    # pre-trained four times longer, five times the pairs and twice the cases (no committed weights: all trained)
     "gpu": {"gen_images": 2000, "gen_steps": 4000, "gen_batch": 32, "caption_steps": 1000, "judge_images": 4000,
             "pairs": 4000, "encoder_steps": 2000, "encoder_batch": 16, "eval_images": 320, "eval_cases": 288},
 }
@@ -143,9 +145,13 @@ class WorldModels:
     adapters: dict[str, Path]
 
 
+def stage_name(name: str, settings: dict) -> str:
+    """A stage's folder name: its name and a hash of its settings."""
+    return f"{name}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
 def _stage(work: Path, name: str, settings: dict, force: set[str], log: Callable[[str], None]) -> tuple[Path, bool]:
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    folder = work / f"{name}-{key}"
+    folder = work / stage_name(name, settings)
     done = (folder / "done.json").is_file() and name not in force
     log(f"[{name}] {'cached: reusing ' if done else 'running: '}{folder}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,18 +174,42 @@ def generator_settings(size_name: str, seed: int = 0) -> dict:
             "seed": seed, "v": 4, "lr": GENERATOR_LR, "drop_factor": GENERATOR_DROP_FACTOR}
 
 
+def variant_slug(name: str) -> str:
+    """The stage name of an encoder variant: "Omni-Attribute (Lgen + Lcon)" → "omni-attribute"."""
+    return name.split(" (")[0].replace(" ", "-").lower()
+
+
+def backbone_settings(size_name: str, seed: int = 0, caption_steps: int | None = None) -> dict:
+    return {"data": stage_name("data", data_settings(size_name, seed)),
+            "steps": caption_steps or SIZES[size_name]["caption_steps"], "seed": seed, "shape": BACKBONE_SHAPE,
+            "factor_weight": BACKBONE_FACTOR_WEIGHT, "v": 3}
+
+
+def encoder_settings(size_name: str, overrides: list[str], seed: int = 0, caption_steps: int | None = None,
+                     steps: int | None = None) -> dict:
+    """An encoder stage's settings (committed weights also name the files they were trained on: "trained_on")."""
+    return {"gen": stage_name("generator", generator_settings(size_name, seed)),
+            "backbone": stage_name("backbone", backbone_settings(size_name, seed, caption_steps)),
+            "steps": steps or SIZES[size_name]["encoder_steps"], "o": overrides, "settings": ENCODER_SETTINGS}
+
+
 def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = frozenset(),
                 variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print,
-                use_committed: bool = True, compute: Compute = CPU, caption_steps: int | None = None
-                ) -> tuple[WorldModels, dict]:
-    """Train (or reuse) every stage on ``compute``; returns the model paths and the stage reports. The generator
-    comes from the committed weights (lab/weights, hash-checked) when they were trained with this stage's
-    settings, unless ``use_committed`` is off. ``caption_steps``: the backbone's pre-training steps instead of
-    the size's (a diagnostic: how much the backbone's sight limits the encoders)."""
+                committed: frozenset[str] = frozenset(COMMAND_STAGE), compute: Compute = CPU,
+                caption_steps: int | None = None, encoder_steps: int | None = None) -> tuple[WorldModels, dict]:
+    """Train (or reuse) every stage on ``compute``; returns the model paths and the stage reports. A stage of
+    a kind in ``committed`` (generator, backbone, encoder) comes from the committed weights (lab/weights,
+    hash-checked) when they were trained with this stage's settings — for an encoder, on these very backbone
+    and generator files. ``caption_steps``: the backbone's pre-training steps instead of the size's (a
+    diagnostic: how much the backbone's sight limits the encoders); ``encoder_steps``: the encoders' training
+    steps instead of the size's (a smoke of the training path; their own stages). The stage reports name, per stage, the
+    settings that committed weights must match and the trained model folder (``lab.world.weights`` exports them)."""
     size, work = SIZES[size_name], Path(work).resolve()
-    if caption_steps:
-        size = {**size, "caption_steps": caption_steps}
+    size = {**size, "caption_steps": caption_steps or size["caption_steps"],
+            "encoder_steps": encoder_steps or size["encoder_steps"]}
     stages: dict = {}
+    commit_settings: dict[str, dict] = {}
+    model_folders: dict[str, Path] = {}
     data, cached = _stage(work, "data", data_settings(size_name, seed), force, log)
     if not cached:
         make_images(data / "gen", size["gen_images"], seed + 1)
@@ -200,18 +230,25 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
         _mark_done(judge_dir, {"held_out_accuracy": scores})
     stages["judge"] = json.loads((judge_dir / "done.json").read_text())
 
-    backbone_dir, cached = _stage(work, "backbone", {"data": data.name, "steps": size["caption_steps"], "seed": seed,
-                                                     "shape": BACKBONE_SHAPE, "factor_weight": BACKBONE_FACTOR_WEIGHT,
-                                                     "v": 3}, force, log)
-    if not cached:
+    settings = backbone_settings(size_name, seed, caption_steps)
+    backbone_dir, cached = _stage(work, "backbone", settings, force, log)
+    backbone = backbone_dir / "captioner"
+    source = matching("backbone", size_name, settings) if not cached and "backbone" in committed else None
+    if source:
+        log(f"[backbone] committed weights: {source} (hash-checked; python -m lab.world.weights --stage backbone "
+            "re-creates them)")
+        install(source, backbone, "backbone")
+        copy_tokenizer(qwen25_tokenizer_dir(), backbone)
+        _mark_done(backbone_dir, {"source": "committed"})
+    elif not cached:
         make_tiny_backbone_folder(backbone_dir / "random", seed=seed, **BACKBONE_SHAPE)
         last: list[float] = []
         pretrain_captioner(backbone_dir / "random", backbone_dir / "captioner",
                            load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows],
                            steps=size["caption_steps"], seed=seed, progress=_every(50, "backbone", log, last),
                            device=compute.device, factor_weight=BACKBONE_FACTOR_WEIGHT)
-        _mark_done(backbone_dir, {"final_loss": last[-1] if last else None})
-    backbone = backbone_dir / "captioner"
+        _mark_done(backbone_dir, {"final_loss": last[-1] if last else None, "source": "trained here"})
+    commit_settings["backbone"], model_folders["backbone"] = settings, backbone
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(backbone), fix_mistral_regex=False)
@@ -219,10 +256,12 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
     settings = generator_settings(size_name, seed)
     gen_dir, cached = _stage(work, "generator", settings, force, log)
     if not cached:
-        committed = matching_generator(size_name, settings) if use_committed else None
-        if committed:
-            log(f"[generator] committed weights: {committed} (hash-checked; python -m lab.world.weights re-creates them)")
-            install(committed, gen_dir / "model", tokenizer)
+        source = matching("generator", size_name, settings) if "generator" in committed else None
+        if source:
+            log(f"[generator] committed weights: {source} (hash-checked; python -m lab.world.weights --stage "
+                "generator re-creates them)")
+            install(source, gen_dir / "model", "generator")
+            tokenizer.save_pretrained(str(gen_dir / "model" / "tokenizer"))
         else:
             train_world_generator(load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows], tokenizer,
                                   gen_dir / "model", steps=size["gen_steps"], batch_size=size["gen_batch"], seed=seed,
@@ -230,16 +269,25 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
                                   progress=_every(100, "generator", log), device=compute.device, bf16=compute.bf16)
         report = _generator_report(gen_dir / "model", load_judge(judge_dir / "judge.safetensors"),
                                    [a for _, a, _ in held_out[:96]], seed, compute)
-        _mark_done(gen_dir, {**report, "source": "committed" if committed else "trained here"})
+        _mark_done(gen_dir, {**report, "source": "committed" if source else "trained here"})
     stages["generator"] = json.loads((gen_dir / "done.json").read_text())
+    commit_settings["generator"], model_folders["generator"] = settings, gen_dir / "model"
 
+    # the encoders' committed weights hold only on the very files they were trained on
+    trained_on = {kind: model_hash(model_folders[kind], kind) for kind in ("backbone", "generator")} if variants else {}
     adapters = {}
     for name, overrides in variants.items():
-        slug = name.split(" (")[0].replace(" ", "-").lower()
-        enc_dir, cached = _stage(work, f"encoder-{slug}", {"gen": gen_dir.name, "backbone": backbone_dir.name,
-                                                           "steps": size["encoder_steps"], "o": overrides,
-                                                           "settings": ENCODER_SETTINGS}, force, log)
-        if not cached:
+        stage = f"encoder-{variant_slug(name)}"
+        settings = encoder_settings(size_name, overrides, seed, caption_steps, encoder_steps)
+        enc_dir, cached = _stage(work, stage, settings, force, log)
+        commit_settings[stage], model_folders[stage] = {**settings, "trained_on": trained_on}, enc_dir / "run"
+        source = matching(stage, size_name, commit_settings[stage]) if not cached and "encoder" in committed else None
+        if source:
+            log(f"[{stage}] committed weights: {source} (hash-checked, trained on these backbone and generator files; "
+                "python -m lab.world.weights --stage encoders re-creates them)")
+            install(source, enc_dir / "run", stage)
+            _mark_done(enc_dir, {"source": "committed"})
+        elif not cached:
             config = load_config(TRAIN_CONFIG, [
                 f"output_dir={enc_dir / 'run'}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}",
                 "data.validation_pairs=null", f"backbone.path={backbone}", "generator.kind=tiny",
@@ -248,10 +296,11 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
                 "runtime.checkpoint_every=100000", "runtime.log_every=25", *ENCODER_SETTINGS, *overrides,
                 *compute.trainer_overrides()])
             train(config, resume=False, progress=False)
-            _mark_done(enc_dir, {})
+            _mark_done(enc_dir, {"source": "trained here"})
         adapters[name] = enc_dir / "run" / "adapter.safetensors"
     models = WorldModels(backbone, gen_dir / "model", judge_dir / "judge.safetensors", adapters)
-    return models, {"stages": stages, "held_out": str(data / "held-out" / "images.jsonl")}
+    return models, {"stages": stages, "held_out": str(data / "held-out" / "images.jsonl"),
+                    "settings": commit_settings, "models": model_folders}
 
 
 def _generator_report(model: Path, judge: FactorJudge, truth: list[Assignment], seed: int,
@@ -380,7 +429,7 @@ def evaluate_generation(tokens_of: TokenSource, adapter: Path, generator: Path, 
         told = [caption_without(Assignment.of({**t.as_dict(), f: r[f]}), set()) for t, r, f in zip(targets, refs, asked)]
         text_only = {**personalization_scores(sample(prompts, []), refs, targets, asked),
                      "text_ceiling": personalization_scores(sample(told, []), refs, targets, asked)["attribute_fidelity"]}
-    composed = {}
+    composed, all_hits = {}, {}
     for n in (2, 3):
         picks = [rng.sample(factors, n) for _ in range(cases)]
         references = [[sample_assignment(rng) for _ in range(n)] for _ in range(cases)]
@@ -389,16 +438,21 @@ def evaluate_generation(tokens_of: TokenSource, adapter: Path, generator: Path, 
         token_sets = [tokens_of([r[i] for r in references], [p[i] for p in picks]) for i in range(n)]
         judged = sample(prompt, token_sets)
         composed[f"{n} references"] = composition_scores(judged, references, picks)
-        composed[f"{n} references, all asked"] = composition_all(judged, references, picks)
+        all_hits[n] = composition_all_hits(judged, references, picks)
+        composed[f"{n} references, all asked"] = sum(all_hits[n]) / cases
         if fresh and n == 2:  # what the prompts alone give on these cases (the factors asked are not in them)
             unguided = sample(prompt, [])
+            unguided_hits = composition_all_hits(unguided, references, picks)
             text_only.update(composition_2=composition_scores(unguided, references, picks),
-                             composition_2_all=composition_all(unguided, references, picks))
+                             composition_2_all=sum(unguided_hits) / cases, composition_2_all_hits=unguided_hits)
     spread = lambda p: math.sqrt(p * (1 - p) / cases)  # noqa: E731  (binomial standard error over the cases)
     return {"personalization": personal, "text_only_baseline": text_only, "composition": composed,
-            "summary": {**personal, "attribute_fidelity_spread": spread(personal["attribute_fidelity"]),
+            "summary": {**{k: v for k, v in personal.items() if k != "hits"},
+                        "attribute_fidelity_spread": spread(personal["attribute_fidelity"]),
+                        "attribute_fidelity_gap_spread": paired_gap_spread(personal["hits"], text_only["hits"]),
                         "composition_2": composed["2 references"], "composition_3": composed["3 references"],
                         "composition_2_all": composed["2 references, all asked"],
+                        "composition_2_all_gap_spread": paired_gap_spread(all_hits[2], text_only["composition_2_all_hits"]),
                         "composition_2_spread": spread(composed["2 references"])}}
 
 
@@ -423,7 +477,19 @@ def render_table(report: dict) -> str:
               f"reference's value (the text ceiling): attribute fidelity {base.get('text_ceiling', float('nan')):.3f}; "
               f"composition with 2 references {base.get('composition_2', float('nan')):.3f} "
               f"(both {base.get('composition_2_all', float('nan')):.3f}).", "",
-              "Retrieval per factor, precision@10 / leakage:", "",
+              "Over text only on the same cases (± paired standard error), and attribute fidelity per asked factor:", "",
+              "| encoder | attribute fidelity gap | composition 2 refs, both: gap | " + " | ".join(FACTORS) + " |",
+              "| --- | --- | --- |" + " --- |" * len(FACTORS)]
+    by_factor = base.get("attribute_fidelity_by_factor", {})
+    lines.append("| text only | — | — | " + " | ".join(f"{by_factor.get(f, float('nan')):.2f}" for f in FACTORS) + " |")
+    for name, row in report["rows"].items():
+        s = row["summary"]
+        factors = " | ".join(f"{s.get('attribute_fidelity_by_factor', {}).get(f, float('nan')):.2f}" for f in FACTORS)
+        lines.append(f"| {name} | {s['attribute_fidelity'] - base['attribute_fidelity']:+.3f} ± "
+                     f"{s.get('attribute_fidelity_gap_spread', float('nan')):.3f} | "
+                     f"{s['composition_2_all'] - base.get('composition_2_all', float('nan')):+.3f} ± "
+                     f"{s.get('composition_2_all_gap_spread', float('nan')):.3f} | {factors} |")
+    lines += ["", "Retrieval per factor, precision@10 / leakage:", "",
               "| encoder | " + " | ".join(FACTORS) + " |", "| --- |" + " --- |" * len(FACTORS)]
     for name, row in report["rows"].items():
         cells = [f"{row['retrieval'][f]['precision']:.2f} / {row['retrieval'][f]['leakage']:.2f}" for f in FACTORS]

@@ -1,14 +1,19 @@
-"""Committed weights of the world's slowest stage, the generator: the main job and CI load them (after a hash
-check) instead of training the generator again, which takes longer than CI can afford.
+"""Committed weights of the world's slow stages — the generator, the backbone and the four encoders: the main
+job and CI load them (after a hash check) instead of training them again, which takes longer than CI can afford.
 
-    python -m lab.world.weights [--size ci] [--check]
+    python -m lab.world.weights [--size ci] [--stage generator|backbone|encoders] [--check]
 
-trains the generator of that size from its seed exactly as the pipeline would (the same data stage, settings
-and code; the stages before it are reused from the benchmark's cache) and writes it to ``lab/weights/generator-<size>/`` with ``settings.json`` (what it was trained
-with; the pipeline uses the folder only when its own settings are the same) and ``SHA256SUMS``. ``--check``
-trains again and compares the hashes with the committed ones (training is
-deterministic on one machine; another CPU or library version may differ in the last bits, which the
-evaluation's margins cover). The tokenizer is not committed: it is the backbone's Qwen2.5 tokenizer.
+trains the stage of that size from its seed exactly as the pipeline would (the same data stage, settings and
+code; the other stages come from the committed weights or the benchmark's cache) and writes it to
+``lab/weights/<stage>-<size>/`` with ``settings.json`` (what it was trained with; the pipeline uses the folder only
+when its own settings are the same) and ``SHA256SUMS``. ``--check`` trains again and compares the hashes with
+the committed ones (training is deterministic on one machine; another CPU or library version may differ in the
+last bits, which the evaluation's margins cover). Tokenizers are not committed: both models use the Qwen2.5
+tokenizer that ComfyUI ships.
+
+The encoders were trained on the committed backbone and generator, bit for bit: their settings name the
+SHA-256 of those two models' weights, and the pipeline uses them only on the same files (a backbone trained
+elsewhere, even from the same seed, may differ in its last bits and then the encoders are trained again).
 """
 
 from __future__ import annotations
@@ -19,87 +24,124 @@ import shutil
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-FILES = ("tiny_generator.json", "text_encoder.safetensors", "transformer/config.json",
-         "transformer/diffusion_pytorch_model.safetensors")
+# the files of each kind of stage, relative to its model folder
+FILES: dict[str, tuple[str, ...]] = {
+    "generator": ("tiny_generator.json", "text_encoder.safetensors", "transformer/config.json",
+                  "transformer/diffusion_pytorch_model.safetensors"),
+    "backbone": ("config.json", "generation_config.json", "model.safetensors"),
+    "encoder": ("adapter.safetensors",),
+}
+# the file whose hash identifies a model another stage was trained on
+WEIGHTS_FILE = {"generator": "transformer/diffusion_pytorch_model.safetensors", "backbone": "model.safetensors"}
+COMMAND_STAGE = {"generator": "generator", "backbone": "backbone", "encoder": "encoders"}  # kind → --stage
 
 
 class CommittedWeightsError(RuntimeError):
     """A committed weights folder does not match its SHA256SUMS."""
 
 
-def committed_folder(size: str) -> Path:
-    return WEIGHTS / f"generator-{size}"
+def files_of(stage: str) -> tuple[str, ...]:
+    """The files of a stage: ``generator``, ``backbone`` or ``encoder-<variant>``."""
+    return FILES[stage.split("-", 1)[0]]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def committed_folder(stage: str, size: str) -> Path:
+    return WEIGHTS / f"{stage}-{size}"
 
 
-def verify(folder: Path) -> None:
-    sums = folder / "SHA256SUMS"
-    expected = dict(line.split("  ", 1)[::-1] for line in sums.read_text().splitlines() if line.strip())
-    bad = [name for name in FILES if not (folder / name).is_file() or _sha256(folder / name) != expected.get(name)]
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sums(folder: Path) -> dict[str, str]:
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    return dict(line.split("  ", 1)[::-1] for line in lines if line.strip())
+
+
+def verify(folder: Path, stage: str) -> None:
+    expected = _sums(folder)
+    bad = [n for n in files_of(stage) if not (folder / n).is_file() or sha256(folder / n) != expected.get(n)]
     if bad:
-        raise CommittedWeightsError(f"the committed generator in {folder} does not match its SHA256SUMS ({', '.join(bad)}): "
+        raise CommittedWeightsError(f"the committed {stage} in {folder} does not match its SHA256SUMS ({', '.join(bad)}): "
                                     "restore it from git (git checkout -- lab/weights) or re-create it with "
-                                    "python -m lab.world.weights")
+                                    f"python -m lab.world.weights --stage {COMMAND_STAGE[stage.split('-', 1)[0]]}")
 
 
-def matching_generator(size: str, settings: dict) -> Path | None:
-    """The committed generator of this size if it was trained with exactly ``settings`` (checked), else None."""
-    folder = committed_folder(size)
+def matching(stage: str, size: str, settings: dict) -> Path | None:
+    """The committed folder of this stage and size if it was trained with exactly ``settings`` (hash-checked),
+    else None (the stage is then trained)."""
+    folder = committed_folder(stage, size)
     if not (folder / "settings.json").is_file() or json.loads((folder / "settings.json").read_text()) != settings:
         return None
-    verify(folder)
+    verify(folder, stage)
     return folder
 
 
-def install(committed: Path, model: Path, tokenizer) -> None:
-    """Copy a committed generator into a stage folder as a complete tiny generator folder."""
-    for name in FILES:
+def model_hash(model: Path, kind: str) -> str:
+    """What identifies a trained generator or backbone folder to the stages trained on it."""
+    return sha256(model / WEIGHTS_FILE[kind])
+
+
+def install(committed: Path, model: Path, stage: str) -> None:
+    """Copy a committed stage's files into its stage folder (the caller adds the tokenizer where one belongs)."""
+    for name in files_of(stage):
         (model / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(committed / name, model / name)
-    tokenizer.save_pretrained(str(model / "tokenizer"))
 
 
-def export(model: Path, folder: Path, settings: dict) -> None:
+def export(model: Path, stage: str, size: str, settings: dict) -> Path:
+    folder = committed_folder(stage, size)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
+    for name in files_of(stage):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(model / name, folder / name)
     (folder / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    (folder / "SHA256SUMS").write_text("".join(f"{_sha256(folder / n)}  {n}\n" for n in FILES))
+    (folder / "SHA256SUMS").write_text("".join(f"{sha256(folder / n)}  {n}\n" for n in files_of(stage)))
+    return folder
 
 
-def same_as_committed(model: Path, size: str) -> list[str]:
-    """The files of a freshly trained generator folder whose hashes differ from the committed ones."""
-    sums = (committed_folder(size) / "SHA256SUMS").read_text().splitlines()
-    expected = dict(line.split("  ", 1)[::-1] for line in sums if line.strip())
-    return [name for name in FILES if _sha256(model / name) != expected.get(name)]
+def differing_files(model: Path, stage: str, size: str) -> list[str]:
+    """The files of a freshly trained stage folder whose hashes differ from the committed ones."""
+    expected = _sums(committed_folder(stage, size))
+    return [name for name in files_of(stage) if sha256(model / name) != expected.get(name)]
 
 
 def main() -> None:
     import argparse
     import time
 
-    from .pipeline import REPO, SIZES, generator_settings, train_world
+    from .pipeline import REPO, SIZES, VARIANTS, train_world, variant_slug
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="ci")
+    parser.add_argument("--stage", choices=list(COMMAND_STAGE.values()), default="generator")
     parser.add_argument("--work", type=Path, default=None, help="stage cache (default: the benchmark's, runs/tiny-world-<size>)")
     parser.add_argument("--check", action="store_true", help="compare the retrained weights with the committed ones "
                         "instead of replacing them")
+    parser.add_argument("--from-cache", action="store_true", help="export the stage as the pipeline already trained "
+                        "it in --work (the same settings and code) instead of training it again")
     args = parser.parse_args()
+    if args.check and args.from_cache:
+        parser.error("--check compares a fresh training with the committed weights: leave out --from-cache")
     started = time.time()
     work = args.work or REPO / "runs" / f"tiny-world-{args.size}"
-    models, _ = train_world(args.size, work, variants={}, force={"generator"}, use_committed=False,
-                            log=lambda m: print(m, flush=True))
-    if args.check:
-        differ = same_as_committed(models.generator, args.size)
-        print(f"differs from the committed weights: {differ}" if differ else "identical to the committed weights")
-    else:
-        export(models.generator, committed_folder(args.size), generator_settings(args.size))
-        print(f"wrote {committed_folder(args.size)}")
+    kind = {command: kind for kind, command in COMMAND_STAGE.items()}[args.stage]
+    stages = [f"encoder-{variant_slug(name)}" for name in VARIANTS] if kind == "encoder" else [kind]
+    _, info = train_world(args.size, work, variants=VARIANTS if kind == "encoder" else {},
+                          force=set() if args.from_cache else set(stages), committed=frozenset(COMMAND_STAGE) - {kind},
+                          log=lambda m: print(m, flush=True))
+    for stage in stages:
+        model = info["models"][stage]
+        if args.check:
+            differ = differing_files(model, stage, args.size)
+            print(f"{stage}: differs from the committed weights: {differ}" if differ
+                  else f"{stage}: identical to the committed weights")
+        else:
+            print(f"wrote {export(model, stage, args.size, info['settings'][stage])}")
     print(f"done in {time.time() - started:.0f} s")
 
 

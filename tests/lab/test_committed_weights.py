@@ -1,31 +1,74 @@
-"""The committed world generator: it matches its hashes and its settings, and a damaged copy is refused."""
+"""The committed world (generator, backbone, four encoders): each matches its hashes and the pipeline's settings,
+the encoders name the very backbone and generator files they were trained on, and a damaged copy is refused."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
-from lab.world.pipeline import generator_settings
-from lab.world.weights import FILES, CommittedWeightsError, committed_folder, matching_generator, verify
+from lab.world.pipeline import (
+    VARIANTS,
+    backbone_settings,
+    encoder_settings,
+    generator_settings,
+    variant_slug,
+)
+from lab.world.weights import (
+    CommittedWeightsError,
+    committed_folder,
+    files_of,
+    matching,
+    model_hash,
+    verify,
+)
 
 
-def test_the_committed_ci_generator_matches_the_pipelines_settings_and_hashes():
-    assert matching_generator("ci", generator_settings("ci")) == committed_folder("ci")
-    assert matching_generator("ci", {**generator_settings("ci"), "steps": 1}) is None  # other settings: trained instead
-    assert matching_generator("ci", generator_settings("ci", seed=1)) is None
+def test_the_committed_generator_and_backbone_match_the_pipelines_settings_and_hashes():
+    for stage, settings in (("generator", generator_settings), ("backbone", backbone_settings)):
+        assert matching(stage, "ci", settings("ci")) == committed_folder(stage, "ci")
+        assert matching(stage, "ci", settings("ci", seed=1)) is None  # other settings: trained instead
+    assert matching("generator", "ci", {**generator_settings("ci"), "steps": 1}) is None
+    assert matching("backbone", "ci", backbone_settings("ci", caption_steps=1000)) is None
 
 
-def test_a_damaged_committed_generator_is_refused(tmp_path):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_committed_encoder_was_trained_on_the_committed_backbone_and_generator(variant):
+    stage = f"encoder-{variant_slug(variant)}"
+    trained_on = {kind: model_hash(committed_folder(kind, "ci"), kind) for kind in ("backbone", "generator")}
+    settings = {**encoder_settings("ci", VARIANTS[variant]), "trained_on": trained_on}
+    assert matching(stage, "ci", settings) == committed_folder(stage, "ci")
+    # on a backbone that differs in any bit (one trained on another machine) the encoders are trained again
+    assert matching(stage, "ci", {**settings, "trained_on": {**trained_on, "backbone": "0" * 64}}) is None
+    assert matching(stage, "ci", {**settings, "steps": 200}) is None
+
+
+def test_a_damaged_committed_folder_is_refused(tmp_path):
     copy = tmp_path / "generator-ci"
-    shutil.copytree(committed_folder("ci"), copy)
-    verify(copy)
-    weights = copy / FILES[-1]
+    shutil.copytree(committed_folder("generator", "ci"), copy)
+    verify(copy, "generator")
+    weights = copy / files_of("generator")[-1]
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     with pytest.raises(CommittedWeightsError, match="does not match its SHA256SUMS .*diffusion_pytorch_model.*git checkout"):
-        verify(copy)
-    (copy / FILES[1]).unlink()
+        verify(copy, "generator")
+    (copy / files_of("generator")[1]).unlink()
     with pytest.raises(CommittedWeightsError, match="text_encoder.safetensors"):
-        verify(copy)
+        verify(copy, "generator")
+    encoder = tmp_path / "encoder-omni-attribute-ci"
+    shutil.copytree(committed_folder("encoder-omni-attribute", "ci"), encoder)
+    (encoder / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(CommittedWeightsError, match="adapter.safetensors.*--stage encoders"):
+        verify(encoder, "encoder-omni-attribute")
+
+
+def test_the_sums_cover_every_committed_file():
+    for folder in sorted(committed_folder("generator", "ci").parent.iterdir()):
+        stage = folder.name.rsplit("-", 1)[0]
+        listed = {line.split("  ", 1)[1] for line in (folder / "SHA256SUMS").read_text().splitlines()}
+        assert listed == set(files_of(stage)), folder
+        on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        assert on_disk == listed | {"SHA256SUMS", "settings.json"}, folder
+        assert json.loads((folder / "settings.json").read_text())["steps"] > 0, folder

@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 
-from lab.world.evaluate import retrieval, selectivity, selectivity_spread
+from lab.world.evaluate import (
+    composition_all_hits,
+    paired_gap_spread,
+    personalization_scores,
+    retrieval,
+    selectivity,
+    selectivity_spread,
+)
 from lab.world.factors import (
     FACTORS,
     HELD_OUT_PHRASINGS,
@@ -165,6 +172,30 @@ def test_generator_folder_loads_as_comfyui_flux_with_the_same_velocities(world_g
         expected = diffusers_flux_forward(transformer, latent, sigma, context, pooled, guidance)
         got = comfy_flux_forward(comfy_model, latent, sigma, context, pooled, guidance)
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_personalization_and_composition_scores_case_by_case():
+    rng = random.Random(5)
+    refs, targets = [sample_assignment(rng) for _ in range(12)], [sample_assignment(rng) for _ in range(12)]
+    asked = [list(FACTORS)[i % 6] for i in range(12)]
+    # an image that takes the asked factor from the reference in the first 6 cases, the rest from the prompt
+    judged = [{**t.as_dict(), f: (r[f] if i < 6 else t[f])} for i, (r, t, f) in enumerate(zip(refs, targets, asked))]
+    scores = personalization_scores(judged, refs, targets, asked)
+    expected = [1] * 6 + [int(r[f] == t[f]) for r, t, f in zip(refs[6:], targets[6:], asked[6:])]
+    assert scores["hits"] == expected and scores["attribute_fidelity"] == sum(expected) / 12
+    assert scores["text_fidelity"] == 1.0 and scores["copy_paste"] == 0.0
+    assert scores["attribute_fidelity_by_factor"] == {f: (1 + expected[6 + i]) / 2 for i, f in enumerate(FACTORS)}
+    pairs = [[refs[i], refs[i + 1]] for i in range(0, 12, 2)]
+    picks = [["color", "background"]] * 6
+    both = [{"color": p[0]["color"], "background": p[1]["background"] if i % 2 else "none"} for i, p in enumerate(pairs)]
+    assert composition_all_hits(both, pairs, picks) == [0, 1, 0, 1, 0, 1]
+
+
+def test_paired_gap_spread_is_the_standard_error_of_the_per_case_difference():
+    assert paired_gap_spread([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(0.25)  # d = 0,1,0,0: var 0.25, n 4
+    assert paired_gap_spread([1, 0, 1, 0], [1, 0, 1, 0]) == 0.0                  # the same images: no spread
+    with pytest.raises(ValueError):
+        paired_gap_spread([1, 0], [1])
 
 
 def test_captioner_stage_trains_and_reloads(tmp_path, tiny_backbone):
