@@ -2,10 +2,12 @@
 
     python benchmarks/tiny_world.py [--size ci|full|gpu] [--work DIR] [--force STAGE] [--seed N] [--device D] [--bf16]
 
---size ci (the default; about 25 minutes on 2 cores from scratch, cached in runs/tiny-world-ci, shared
-with the main job), full (a larger world and more training, cached in runs/tiny-world; 40 minutes
-from scratch on 2 cores) or gpu (the ci world with ten times the encoder steps, five times the pairs and
-twice the cases, cached in runs/tiny-world-gpu; meant for --device cuda --bf16 on a lent GPU, not run yet).
+--size ci (the default; about 7 minutes on 2 cores with the committed generator, backbone and encoders of
+lab/weights — python -m lab.world.weights re-creates them, about 70 minutes —, cached in runs/tiny-world-ci,
+shared with the main job), full (a larger world trained from scratch, cached in runs/tiny-world; 40 minutes on
+2 cores) or gpu (the ci world with twice the encoder steps at twice the batch, a backbone pre-trained four
+times longer, five times the pairs and twice the cases, all trained, cached in runs/tiny-world-gpu; meant for
+--device cuda --bf16 on a lent GPU, not run yet).
 --device picks the torch device of every stage (cpu by default: what CI runs); --bf16 trains and samples
 under bf16 autocast / mixed precision. A stage cached on one device is reused on another.
 

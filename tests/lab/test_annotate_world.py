@@ -1,7 +1,7 @@
 """The tiny world annotated through the pipeline: the world's pairs sent to the oracle server (which answers
 from the ground truth, with faults injected), the output compared with the world's own pairs file, and the
-trainer run on it. (The full benchmark table from annotated pairs is not computed here: that is the ~25 minute
-laboratory run; what this shows is that the annotated file is the world's file, so the table would be too.)"""
+trainer run on it. (The full benchmark table from annotated pairs is not computed here: that would train the
+laboratory's four encoders again, ~35 minutes; what this shows is that the annotated file is the world's file, so the table would be too.)"""
 
 from __future__ import annotations
 

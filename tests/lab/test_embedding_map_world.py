@@ -1,7 +1,7 @@
 """The embedding map in the tiny world: the map of a trained Omni-Attribute encoder separates the asked factor's
 values (silhouette score by value) better than a holistic encoder's.
 
-The cheap, honest stand-in for the world's encoders (lab/world/pipeline.py trains those for ~25 minutes): the
+The cheap, honest stand-in for the world's encoders (lab/world/pipeline.py trains those for ~35 minutes): the
 contrastive loss alone (λgen = 0), 80 steps of 8 pairs on 32 world pairs, each sharing either the object colour
 or the background (positive attribute) and differing in the other (negative) and in everything else at random;
 in-batch negatives on. The holistic encoder is the same network with the instruction "Describe the whole image:"

@@ -1,15 +1,14 @@
-"""The README's main job at CI size: the tiny world trained from scratch in a fresh folder, evaluated, and
-composed by a live ComfyUI through the headless client.
+"""The README's main job at CI size in a fresh folder — the world's data and judge made from their seeds, the
+committed generator, backbone and encoders (lab/weights, hash-checked) evaluated — and composed by a live
+ComfyUI through the headless client.
 
-Slow (about 25 minutes on 2 cores, and 5 more for the oracle diagnostic). Asserted: the main job's outputs
-are complete; the laboratory is sound (the judge reads world images, the generator draws what its prompts
-name, the encoders see the image); the claim of the paper that shows at this scale — the contrastive loss
-makes the embedding follow the attribute text (the paper's Δ ablation: without Lcon it is ≈ 0); and that
-the generation path (IP-Adapter + flow-blend rule) transfers an attribute when its tokens carry it (the
-oracle diagnostic). The encoders' own generation claim (attribute fidelity above text only) is not reached
-at CI's 200 encoder steps (BENCHMARKS.md: 0.29 against 0.27; after 1000 steps 0.35–0.42 at two seeds,
-too long for CI and not settled by two seeds) and is not asserted: a test for it would have to be rigged. Thresholds sit well
-below the measured values, with margins from the measured spread.
+Slow (about 12 minutes on 2 cores with the oracle diagnostic and the evaluation command). Asserted: the main
+job's outputs are complete and it used the committed world, whose encoder stage still trains (a smoke); the
+laboratory is sound (the judge reads world images, the generator draws what its prompts name, the encoders
+see the image); the contrastive loss makes the embedding follow the attribute text (the paper's Δ ablation:
+without Lcon it is ≈ 0); Omni-Attribute's tokens transfer the asked attribute into generation without
+copying the rest (issue 12), and so do oracle tokens through the same IP path and flow-blend rule.
+Thresholds sit below the values measured at two training seeds (BENCHMARKS.md), never at exact numbers.
 """
 
 from __future__ import annotations
@@ -22,13 +21,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lab.world.pipeline import OMNI
+
 pytestmark = [pytest.mark.host, pytest.mark.lab_run, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 # the smallest selectivity gap asserted: below the gaps measured at two training seeds (0.023 at the least;
 # see the selectivity test), far above the 0.00 of an encoder that ignores the attribute text
 MARGIN = 0.01
-VARIANTS = {"Omni-Attribute (Lgen + Lcon)", "generative loss only", "contrastive loss only", "holistic encoder"}
+VARIANTS = {OMNI, "generative loss only", "contrastive loss only", "holistic encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,33 @@ def test_main_job_writes_the_grid_the_cases_and_the_table(main_job):
     assert "| Omni-Attribute (Lgen + Lcon) |" in stdout and "both asked attributes transferred" in stdout
 
 
+def test_the_main_job_uses_the_committed_world_and_the_encoder_stage_still_trains(main_job):
+    """CI evaluates the committed backbone, generator and encoders (lab/weights, hash-checked; their training
+    takes longer than CI can afford) — and still runs the encoder stage's training path: the same stage code and
+    the real trainer for 3 steps on the same data, a new stage folder whose adapter the encoder loads."""
+    import random
+
+    from lab.world.evaluate import attribute_tokens
+    from lab.world.factors import sample_assignment
+    from lab.world.pipeline import VARIANTS as TRAINED, render_batch, train_world
+    from omni_attribute.encoder import load_encoder
+
+    root, stdout, report = main_job
+    assert report["stages"]["generator"]["source"] == "committed"
+    for stage in ("backbone", "encoder-omni-attribute", "encoder-generative-loss-only",
+                  "encoder-contrastive-loss-only", "encoder-holistic-encoder"):
+        assert f"[{stage}] committed weights: " in stdout, stage
+    log: list[str] = []
+    models, info = train_world("ci", root / "work", variants={OMNI: TRAINED[OMNI]}, encoder_steps=3, log=log.append)
+    assert any(line.startswith("[encoder-omni-attribute] running: ") for line in log), log
+    assert info["settings"]["encoder-omni-attribute"]["steps"] == 3
+    summary = json.loads((info["models"]["encoder-omni-attribute"] / "summary.json").read_text())
+    assert summary["steps"] == 3, summary
+    encoder = load_encoder(models.backbone, models.adapters[OMNI])
+    tokens = attribute_tokens(encoder, render_batch([sample_assignment(random.Random(0))]), ["color"])
+    assert tokens.shape == (1, 8, encoder.metadata.connector.out_dim) and bool(tokens.isfinite().all())
+
+
 def test_the_laboratory_is_sound(main_job):
     _, _, report = main_job
     judge = report["stages"]["judge"]["held_out_accuracy"]
@@ -64,9 +92,11 @@ def test_the_laboratory_is_sound(main_job):
     partial = report["stages"]["generator"]["text_fidelity_of_partial_prompts"]
     assert partial["color"] > 0.8 and partial["background"] > 0.8, partial  # measured 1.00, 0.96
     for name, row in report["rows"].items():
-        background = row["retrieval"]["background"]
-        # every encoder sees the image: the background is retrieved far above chance
-        assert background["precision"] > background["chance"] + 0.3, (name, background)
+        s = row["summary"]
+        # every encoder sees the image: its factors are retrieved above chance (mean over the six factors, measured
+        # +0.20 for the Lgen-only encoders, +0.45 with Lcon; one factor alone varies with the training length:
+        # the Lgen-only encoders' background fell from 0.56-0.58 at 200 steps to 0.43-0.52 at 1000)
+        assert s["retrieval_precision"] > s["retrieval_chance"] + 0.1, (name, row["retrieval"])
         # generation from a prompt that leaves one factor out keeps the prompt's factors
         assert row["personalization"]["text_fidelity"] > 0.5, (name, row["personalization"])  # 0.89–1.00; chance ≈ 0.28
 
@@ -74,8 +104,9 @@ def test_the_laboratory_is_sound(main_job):
 def test_the_contrastive_loss_makes_the_embedding_follow_the_attribute_text(main_job):
     """Selectivity: how much more an embedding under a factor's name retrieves that factor than the
     other factors (both above chance). The holistic encoder is 0 by construction. Measured at CI size
-    (BENCHMARKS.md): with the backbone's factor read-out in pre-training (issue 12), seed 0: Omni-Attribute
-    0.249, contrastive only 0.189, generative only 0.000 (training seed 1: 0.248, 0.264); with captioning alone, seed 0: 0.098, 0.097, 0.004;
+    (BENCHMARKS.md), the committed 1000-step encoders (training seed 0): Omni-Attribute 0.296, contrastive only
+    0.312, generative only 0.000 (seed 1: Omni-Attribute 0.289, generative only 0.002); at 200 steps, seed
+    0: 0.249, 0.189, 0.000 (seed 1: 0.248, 0.264); with captioning alone, seed 0: 0.098, 0.097, 0.004;
     with the earlier generator, seed 0 / seed 1 of the encoders: 0.063 / 0.025,
     0.108 / 0.068, 0.003 / 0.002; bootstrap spread over the held-out queries ≤ 0.006. The training seed moves
     the gaps by about 0.04; the margin sits below the smallest gap measured."""
@@ -92,6 +123,31 @@ def test_the_contrastive_loss_makes_the_embedding_follow_the_attribute_text(main
     assert above(omni, holistic), (omni, holistic)            # the attribute encoder is not a holistic one
     assert above(omni, generative), (omni, generative)        # ... because of Lcon
     assert above(contrastive, generative), (contrastive, generative)
+
+
+def test_omni_attribute_transfers_the_asked_attribute_without_copying_the_rest(main_job):
+    """Issue 12's generation claim, on the committed encoders (1000 steps each on the committed backbone and
+    generator). Measured at CI size (BENCHMARKS.md; 144 cases; Omni-Attribute trained at seed 0, the committed
+    one, and at seed 1): attribute fidelity 0.417 / 0.354 against text only 0.271 on the same prompts and seeds
+    (gaps +0.146 / +0.083); copy-paste 0.022 / 0.017 against 0.002; two references, both asked attributes
+    transferred 0.167 / 0.118 against 0.076 (gaps +0.091 / +0.042); selectivity 0.296 / 0.289 (± 0.006), with
+    pattern retrieved at 1.00 / 1.00 and lighting at 0.34 / 0.40 (chance 0.33 and 0.25). Trained with Lgen alone
+    the encoder does not transfer: 0.250 / 0.271. The margins sit below the smaller seed's gap: fidelity +0.05
+    (and two paired standard errors of the gap: 0.043 / 0.040), composition +0.02."""
+    _, _, report = main_job
+    row = report["rows"][OMNI]
+    omni, text_only = row["summary"], row["text_only_baseline"]
+    gap = omni["attribute_fidelity"] - text_only["attribute_fidelity"]
+    assert gap > max(0.05, 2 * omni["attribute_fidelity_gap_spread"]), (omni, text_only)
+    assert omni["copy_paste"] <= text_only["copy_paste"] + 0.05, (omni, text_only)
+    assert omni["composition_2_all"] > text_only["composition_2_all"] + 0.02, (omni, text_only)
+    assert omni["text_fidelity"] > 0.9, omni  # the prompt's factors stay (measured 0.95 / 0.97)
+    generative = report["rows"]["generative loss only"]["summary"]
+    assert omni["attribute_fidelity"] > generative["attribute_fidelity"] + 0.05, (omni, generative)  # Lcon's doing
+    assert omni["selectivity"] >= 0.25, omni
+    for factor, margin in (("pattern", 0.3), ("lighting", 0.05)):
+        retrieved = row["retrieval"][factor]
+        assert retrieved["precision"] > retrieved["chance"] + margin, (factor, retrieved)
 
 
 def test_oracle_tokens_transfer_the_asked_attribute_through_the_ip_path(main_job):
@@ -133,7 +189,7 @@ def test_the_evaluation_command_reproduces_the_world_benchmark_personalization(m
     from lab.world.evaluate import personalization_scores
     from lab.world.factors import FACTORS, HELD_OUT_PHRASINGS, Assignment, caption_without, sample_assignment
     from lab.world.judge import load_judge
-    from lab.world.pipeline import ATTRIBUTE_SCALE, OMNI
+    from lab.world.pipeline import ATTRIBUTE_SCALE
     from lab.world.render import render
     from tests.fixtures.oracle_judge import PROMPT, OracleJudge
 
