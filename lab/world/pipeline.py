@@ -202,8 +202,9 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
     hash-checked) when they were trained with this stage's settings — for an encoder, on these very backbone
     and generator files. ``caption_steps``: the backbone's pre-training steps instead of the size's (a
     diagnostic: how much the backbone's sight limits the encoders); ``encoder_steps``: the encoders' training
-    steps instead of the size's (a smoke of the training path; their own stages). The stage reports name, per stage, the
-    settings that committed weights must match and the trained model folder (``lab.world.weights`` exports them)."""
+    steps instead of the size's (a smoke of the training path; their own stages). The stage reports name, per
+    stage, the settings that committed weights must match and the trained model folder (``lab.world.weights``
+    exports them)."""
     size, work = SIZES[size_name], Path(work).resolve()
     size = {**size, "caption_steps": caption_steps or size["caption_steps"],
             "encoder_steps": encoder_steps or size["encoder_steps"]}

@@ -141,6 +141,12 @@ def main() -> None:
             print(f"{stage}: differs from the committed weights: {differ}" if differ
                   else f"{stage}: identical to the committed weights")
         else:
+            trained_on = info["settings"][stage].get("trained_on", {})
+            stale = [other for other, digest in trained_on.items()
+                     if digest != model_hash(committed_folder(other, args.size), other)]
+            if stale:
+                raise SystemExit(f"{stage} was trained on a {' and a '.join(stale)} other than the committed one "
+                                 f"({work}): commit that first (--stage {stale[0]}) or train in a fresh --work")
             print(f"wrote {export(model, stage, args.size, info['settings'][stage])}")
     print(f"done in {time.time() - started:.0f} s")
 

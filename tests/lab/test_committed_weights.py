@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +75,9 @@ def test_the_sums_cover_every_committed_file():
         on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
         assert on_disk == listed | {"SHA256SUMS", "settings.json"}, folder
         assert json.loads((folder / "settings.json").read_text())["steps"] > 0, folder
+
+
+def test_the_reproducing_command_refuses_to_check_a_cached_stage():
+    result = subprocess.run([sys.executable, "-m", "lab.world.weights", "--stage", "encoders", "--check", "--from-cache"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert result.returncode == 2 and "leave out --from-cache" in result.stderr, result.stderr
