@@ -88,11 +88,10 @@ def personalization_scores(judged: list[dict], references: list[Assignment], tar
     """attribute fidelity: the asked factor has the reference's value (also per asked factor, and case by
     case: ``hits``); text fidelity: the other factors have the prompt's values; copy-paste: where reference
     and prompt differ on another factor, how often the image shows the reference's value instead."""
-    fidelity, text, copied, copy_cases = 0.0, 0.0, 0.0, 0
+    text, copied, copy_cases = 0.0, 0.0, 0
     hits = [int(seen[f] == ref[f]) for seen, ref, f in zip(judged, references, asked)]
     by_factor = {g: [h for h, f in zip(hits, asked) if f == g] for g in FACTORS}
     for seen, ref, target, f in zip(judged, references, targets, asked):
-        fidelity += seen[f] == ref[f]
         others = [g for g in FACTORS if g != f]
         text += sum(seen[g] == target[g] for g in others) / len(others)
         for g in others:
@@ -100,7 +99,7 @@ def personalization_scores(judged: list[dict], references: list[Assignment], tar
                 copy_cases += 1
                 copied += seen[g] == ref[g]
     n = len(judged)
-    return {"attribute_fidelity": fidelity / n, "text_fidelity": text / n, "copy_paste": copied / max(1, copy_cases),
+    return {"attribute_fidelity": sum(hits) / n, "text_fidelity": text / n, "copy_paste": copied / max(1, copy_cases),
             "attribute_fidelity_by_factor": {g: sum(h) / len(h) for g, h in by_factor.items() if h}, "hits": hits}
 
 
