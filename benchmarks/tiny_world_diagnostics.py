@@ -21,7 +21,11 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   IP-Adapter's learning rate ×10 instead of ×3), omni-long (1000 steps instead of 200: the recipe of the
   committed CI encoders; with --train-seed 1 the other seed of CI's margins).
 - omni-then-ip: a second stage after omni — its encoder frozen (adapter.freeze_encoder), only its IP-Adapter
-  trained on, with Lgen (600 steps): the oracle's situation (tokens that hold still) with the real encoder.
+  trained on, with Lgen: the oracle's situation (tokens that hold still) with the real encoder, and the
+  pipeline's second stage (IP_STAGE); omni-then-ip-lr3, -lr01 and -text-dropout: the same at the first stage's
+  IP learning rate (3e-3), at 1e-4, and with the caption dropped half the time. With --steps 1000 they start
+  from the committed Omni-Attribute encoder's recipe (omni at 1000 steps); generative-only-then-ip: the
+  same second stage after generative-only (the table's two stages of that row, e.g. at another --train-seed).
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -56,6 +60,7 @@ from lab.world.pairs import read_images
 from lab.world.pipeline import (
     CPU,
     ENCODER_SETTINGS,
+    IP_STAGE,
     OMNI,
     REPO,
     SIZES,
@@ -90,11 +95,17 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "omni-from-oracle": (VARIANTS[OMNI], 200),  # the IP-Adapter starts from the oracle run's (adapter.init_from)
     "omni-ip-lr": ([*VARIANTS[OMNI], "optim.ip_lr_scale=10"], 200),
     "omni-long": (VARIANTS[OMNI], 1000),
-    # a second stage: the omni run's encoder frozen, only its IP-Adapter trained further with Lgen
-    "omni-then-ip": ([*LGEN_ONLY, "adapter.freeze_encoder=true"], 600),
+    # a second stage: the omni run's encoder frozen, only its IP-Adapter trained further with Lgen — the
+    # pipeline's recipe (IP_STAGE: the IP learning rate 3e-4), and that recipe with one change each
+    "omni-then-ip": (IP_STAGE, 1000),
+    "omni-then-ip-lr3": ([*IP_STAGE, "optim.ip_lr_scale=3"], 1000),  # the first stage's IP learning rate, 3e-3
+    "omni-then-ip-lr01": ([*IP_STAGE, "optim.ip_lr_scale=0.1"], 1000),  # 1e-4
+    "omni-then-ip-text-dropout": ([*IP_STAGE, "loss.drop_text=0.5"], 1000),  # D(E, ∅), which the guider uses, 5× as often
+    "generative-only-then-ip": (IP_STAGE, 1000),  # the table's Lgen-only row with its second stage
 }
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
-STARTS_FROM = {"omni-from-oracle": "oracle", "omni-then-ip": "omni"}
+STARTS_FROM = {"omni-from-oracle": "oracle", "generative-only-then-ip": "generative-only",
+               **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")}}
 
 
 def lgen_with_and_without_tokens(config, pairs: int = 64) -> dict[str, float]:

@@ -1,7 +1,8 @@
-"""Committed weights of the world's slow stages — the generator, the backbone and the four encoders: the main
-job and CI load them (after a hash check) instead of training them again, which takes longer than CI can afford.
+"""Committed weights of the world's slow stages — the generator, the backbone and the four encoders (both stages
+of each): the main job and CI load them (after a hash check) instead of training them again, which takes longer
+than CI can afford.
 
-    python -m lab.world.weights [--size ci] [--stage generator|backbone|encoders] [--check]
+    python -m lab.world.weights [--size ci] [--stage generator|backbone|encoders|ip-stages] [--check]
 
 trains the stage of that size from its seed exactly as the pipeline would (the same data stage, settings and
 code; the other stages come from the committed weights or the benchmark's cache) and writes it to
@@ -13,7 +14,8 @@ tokenizer that ComfyUI ships.
 
 The encoders were trained on the committed backbone and generator, bit for bit: their settings name the
 SHA-256 of those two models' weights, and the pipeline uses them only on the same files (a backbone trained
-elsewhere, even from the same seed, may differ in its last bits and then the encoders are trained again).
+elsewhere, even from the same seed, may differ in its last bits and then the encoders are trained again). The
+second stages (``ip-<variant>``: each encoder frozen, its IP-Adapter trained on) name their first stage's file too.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ FILES: dict[str, tuple[str, ...]] = {
     "generator": ("tiny_generator.json", "text_encoder.safetensors", "transformer/config.json",
                   "transformer/diffusion_pytorch_model.safetensors"),
     "backbone": ("config.json", "generation_config.json", "model.safetensors"),
-    "encoder": ("adapter.safetensors",),
+    "encoder": ("adapter.safetensors",),  # an encoder's first stage (LoRA, connector and IP-Adapter jointly)
+    "ip": ("adapter.safetensors",),       # its second stage (the IP-Adapter alone, on the frozen encoder)
 }
 # the file whose hash identifies a model another stage was trained on
-WEIGHTS_FILE = {"generator": "transformer/diffusion_pytorch_model.safetensors", "backbone": "model.safetensors"}
-COMMAND_STAGE = {"generator": "generator", "backbone": "backbone", "encoder": "encoders"}  # kind → --stage
+WEIGHTS_FILE = {"generator": "transformer/diffusion_pytorch_model.safetensors", "backbone": "model.safetensors",
+                "encoder": "adapter.safetensors"}
+COMMAND_STAGE = {"generator": "generator", "backbone": "backbone", "encoder": "encoders", "ip": "ip-stages"}  # kind → --stage
 
 
 class CommittedWeightsError(RuntimeError):
@@ -41,7 +45,7 @@ class CommittedWeightsError(RuntimeError):
 
 
 def files_of(stage: str) -> tuple[str, ...]:
-    """The files of a stage: ``generator``, ``backbone`` or ``encoder-<variant>``."""
+    """The files of a stage: ``generator``, ``backbone``, ``encoder-<variant>`` or ``ip-<variant>``."""
     return FILES[stage.split("-", 1)[0]]
 
 
@@ -82,7 +86,7 @@ def matching(stage: str, size: str, settings: dict) -> Path | None:
 
 
 def model_hash(model: Path, kind: str) -> str:
-    """What identifies a trained generator or backbone folder to the stages trained on it."""
+    """What identifies a trained generator, backbone or first-stage encoder folder to the stages trained on it."""
     return sha256(model / WEIGHTS_FILE[kind])
 
 
@@ -130,8 +134,9 @@ def main() -> None:
     started = time.time()
     work = args.work or REPO / "runs" / f"tiny-world-{args.size}"
     kind = {command: kind for kind, command in COMMAND_STAGE.items()}[args.stage]
-    stages = [f"encoder-{variant_slug(name)}" for name in VARIANTS] if kind == "encoder" else [kind]
-    _, info = train_world(args.size, work, variants=VARIANTS if kind == "encoder" else {},
+    per_variant = kind in ("encoder", "ip")
+    stages = [f"{kind}-{variant_slug(name)}" for name in VARIANTS] if per_variant else [kind]
+    _, info = train_world(args.size, work, variants=VARIANTS if per_variant else {},
                           force=set() if args.from_cache else set(stages), committed=frozenset(COMMAND_STAGE) - {kind},
                           log=lambda m: print(m, flush=True))
     for stage in stages:
@@ -143,10 +148,11 @@ def main() -> None:
         else:
             trained_on = info["settings"][stage].get("trained_on", {})
             stale = [other for other, digest in trained_on.items()
-                     if digest != model_hash(committed_folder(other, args.size), other)]
+                     if digest != model_hash(committed_folder(other, args.size), other.split("-", 1)[0])]
             if stale:
                 raise SystemExit(f"{stage} was trained on a {' and a '.join(stale)} other than the committed one "
-                                 f"({work}): commit that first (--stage {stale[0]}) or train in a fresh --work")
+                                 f"({work}): commit that first (--stage {COMMAND_STAGE[stale[0].split('-', 1)[0]]}) "
+                                 "or train in a fresh --work")
             print(f"wrote {export(model, stage, args.size, info['settings'][stage])}")
     print(f"done in {time.time() - started:.0f} s")
 

@@ -1,5 +1,6 @@
-"""The committed world (generator, backbone, four encoders): each matches its hashes and the pipeline's settings,
-the encoders name the very backbone and generator files they were trained on, and a damaged copy is refused."""
+"""The committed world (generator, backbone, four encoders in two stages each): each matches its hashes and the
+pipeline's settings, the encoders name the very files they were trained on (backbone and generator; a second
+stage also its first), and a damaged copy is refused."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lab.world.pipeline import (
     backbone_settings,
     encoder_settings,
     generator_settings,
+    ip_stage_settings,
     variant_slug,
 )
 from lab.world.weights import (
@@ -45,6 +47,17 @@ def test_each_committed_encoder_was_trained_on_the_committed_backbone_and_genera
     # on a backbone that differs in any bit (one trained on another machine) the encoders are trained again
     assert matching(stage, "ci", {**settings, "trained_on": {**trained_on, "backbone": "0" * 64}}) is None
     assert matching(stage, "ci", {**settings, "steps": 200}) is None
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_committed_second_stage_was_trained_on_the_committed_first_stage(variant):
+    slug = variant_slug(variant)
+    trained_on = {kind: model_hash(committed_folder(kind, "ci"), kind) for kind in ("backbone", "generator")}
+    trained_on[f"encoder-{slug}"] = model_hash(committed_folder(f"encoder-{slug}", "ci"), "encoder")
+    settings = {**ip_stage_settings("ci", variant, VARIANTS[variant]), "trained_on": trained_on}
+    assert matching(f"ip-{slug}", "ci", settings) == committed_folder(f"ip-{slug}", "ci")
+    # a first stage trained again elsewhere (another file) makes the second stage train again too
+    assert matching(f"ip-{slug}", "ci", {**settings, "trained_on": {**trained_on, f"encoder-{slug}": "0" * 64}}) is None
 
 
 def test_a_damaged_committed_folder_is_refused(tmp_path):

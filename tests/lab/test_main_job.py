@@ -1,9 +1,9 @@
 """The README's main job at CI size in a fresh folder — the world's data and judge made from their seeds, the
-committed generator, backbone and encoders (lab/weights, hash-checked) evaluated — and composed by a live
+committed generator, backbone and two-stage encoders (lab/weights, hash-checked) evaluated — and composed by a live
 ComfyUI through the headless client.
 
 Slow (about 12 minutes on 2 cores with the oracle diagnostic and the evaluation command). Asserted: the main
-job's outputs are complete and it used the committed world, whose encoder stage still trains (a smoke); the
+job's outputs are complete and it used the committed world, whose encoder stages still train (a smoke); the
 laboratory is sound (the judge reads world images, the generator draws what its prompts name, the encoders
 see the image); the contrastive loss makes the embedding follow the attribute text (the paper's Δ ablation:
 without Lcon it is ≈ 0); Omni-Attribute's tokens transfer the asked attribute into generation without
@@ -56,10 +56,11 @@ def test_main_job_writes_the_grid_the_cases_and_the_table(main_job):
     assert "| Omni-Attribute (Lgen + Lcon) |" in stdout and "both asked attributes transferred" in stdout
 
 
-def test_the_main_job_uses_the_committed_world_and_the_encoder_stage_still_trains(main_job):
-    """CI evaluates the committed backbone, generator and encoders (lab/weights, hash-checked; their training
-    takes longer than CI can afford) — and still runs the encoder stage's training path: the same stage code and
-    the real trainer for 3 steps on the same data, a new stage folder whose adapter the encoder loads."""
+def test_the_main_job_uses_the_committed_world_and_the_encoder_stages_still_train(main_job):
+    """CI evaluates the committed backbone, generator and encoders, both stages of each (lab/weights,
+    hash-checked; their training takes longer than CI can afford) — and still runs the encoder stages' training
+    path: the same stage code and the real trainer for 3 steps each on the same data, new stage folders, the
+    second stage's adapter (the one evaluated) loaded by the encoder."""
     import random
 
     from lab.world.evaluate import attribute_tokens
@@ -69,15 +70,17 @@ def test_the_main_job_uses_the_committed_world_and_the_encoder_stage_still_train
 
     root, stdout, report = main_job
     assert report["stages"]["generator"]["source"] == "committed"
-    for stage in ("backbone", "encoder-omni-attribute", "encoder-generative-loss-only",
-                  "encoder-contrastive-loss-only", "encoder-holistic-encoder"):
+    slugs = ("omni-attribute", "generative-loss-only", "contrastive-loss-only", "holistic-encoder")
+    for stage in ("backbone", *(f"{kind}-{slug}" for kind in ("encoder", "ip") for slug in slugs)):
         assert f"[{stage}] committed weights: " in stdout, stage
     log: list[str] = []
     models, info = train_world("ci", root / "work", variants={OMNI: TRAINED[OMNI]}, encoder_steps=3, log=log.append)
-    assert any(line.startswith("[encoder-omni-attribute] running: ") for line in log), log
-    assert info["settings"]["encoder-omni-attribute"]["steps"] == 3
-    summary = json.loads((info["models"]["encoder-omni-attribute"] / "summary.json").read_text())
-    assert summary["steps"] == 3, summary
+    for stage in ("encoder-omni-attribute", "ip-omni-attribute"):  # both stages of the recipe train
+        assert any(line.startswith(f"[{stage}] running: ") for line in log), log
+        assert info["settings"][stage]["steps"] == 3
+        summary = json.loads((info["models"][stage] / "summary.json").read_text())
+        assert summary["steps"] == 3, summary
+    assert models.adapters[OMNI] == info["models"]["ip-omni-attribute"] / "adapter.safetensors"
     encoder = load_encoder(models.backbone, models.adapters[OMNI])
     tokens = attribute_tokens(encoder, render_batch([sample_assignment(random.Random(0))]), ["color"])
     assert tokens.shape == (1, 8, encoder.metadata.connector.out_dim) and bool(tokens.isfinite().all())
