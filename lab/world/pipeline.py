@@ -92,7 +92,8 @@ OMNI = "Omni-Attribute (Lgen + Lcon)"
 # stage's IP learning rate (3e-4 instead of 3e-3). Measured on the committed Omni-Attribute encoder (BENCHMARKS.md,
 # 144 cases, 1000 steps): at 3e-3 Lgen on the training pairs stays *above* its value without tokens (0.039 vs 0.033:
 # each step overshoots) and attribute fidelity moves 0.417 → 0.431; at 3e-4 Lgen falls below it (0.0325) and
-# fidelity reaches 0.465, composition of 2 references 0.389 → 0.451. More text dropout (0.5, to train the
+# fidelity reaches 0.465, composition of 2 references 0.389 → 0.451 (training seed 1: 0.354, no measurable
+# gain over its first stage). More text dropout (0.5, to train the
 # D(E, ∅) the guider uses) did not help (0.389). For the contrastive-only variant this stage is the only one
 # that trains an IP-Adapter at all (its first stage has λgen = 0).
 IP_STAGE = ["loss.lambda_gen=1.0", "loss.lambda_con=0.0", "adapter.freeze_encoder=true", "optim.ip_lr_scale=0.3"]
