@@ -44,7 +44,7 @@ from .generator import sample_composed, sample_images, train_world_generator
 from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
 from .pairs import make_images, make_pairs, read_images
 from .render import render
-from .weights import COMMAND_STAGE, install, matching, model_hash
+from .weights import COMMAND_STAGE, install, kind_of, matching, model_hash
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = REPO / "configs" / "train_tiny.yaml"
@@ -324,7 +324,7 @@ def _trained_stage(work: Path, stage: str, settings: dict, trained_on: dict, con
     folder, cached = _stage(work, stage, settings, force, log)
     run_dir = folder / "run"
     commit_settings[stage], model_folders[stage] = {**settings, "trained_on": trained_on}, run_dir
-    kind = stage.split("-", 1)[0]
+    kind = kind_of(stage)
     source = matching(stage, size_name, commit_settings[stage]) if not cached and kind in committed else None
     if source:
         log(f"[{stage}] committed weights: {source} (hash-checked, trained on these very files; python -m "

@@ -44,9 +44,14 @@ class CommittedWeightsError(RuntimeError):
     """A committed weights folder does not match its SHA256SUMS."""
 
 
+def kind_of(stage: str) -> str:
+    """A stage's kind: ``generator``, ``backbone``, ``encoder`` (of ``encoder-<variant>``) or ``ip``."""
+    return stage.split("-", 1)[0]
+
+
 def files_of(stage: str) -> tuple[str, ...]:
     """The files of a stage: ``generator``, ``backbone``, ``encoder-<variant>`` or ``ip-<variant>``."""
-    return FILES[stage.split("-", 1)[0]]
+    return FILES[kind_of(stage)]
 
 
 def committed_folder(stage: str, size: str) -> Path:
@@ -72,7 +77,7 @@ def verify(folder: Path, stage: str) -> None:
     if bad:
         raise CommittedWeightsError(f"the committed {stage} in {folder} does not match its SHA256SUMS ({', '.join(bad)}): "
                                     "restore it from git (git checkout -- lab/weights) or re-create it with "
-                                    f"python -m lab.world.weights --stage {COMMAND_STAGE[stage.split('-', 1)[0]]}")
+                                    f"python -m lab.world.weights --stage {COMMAND_STAGE[kind_of(stage)]}")
 
 
 def matching(stage: str, size: str, settings: dict) -> Path | None:
@@ -148,10 +153,10 @@ def main() -> None:
         else:
             trained_on = info["settings"][stage].get("trained_on", {})
             stale = [other for other, digest in trained_on.items()
-                     if digest != model_hash(committed_folder(other, args.size), other.split("-", 1)[0])]
+                     if digest != model_hash(committed_folder(other, args.size), kind_of(other))]
             if stale:
                 raise SystemExit(f"{stage} was trained on a {' and a '.join(stale)} other than the committed one "
-                                 f"({work}): commit that first (--stage {COMMAND_STAGE[stale[0].split('-', 1)[0]]}) "
+                                 f"({work}): commit that first (--stage {COMMAND_STAGE[kind_of(stale[0])]}) "
                                  "or train in a fresh --work")
             print(f"wrote {export(model, stage, args.size, info['settings'][stage])}")
     print(f"done in {time.time() - started:.0f} s")
