@@ -19,13 +19,19 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
 - recipe candidates, each the omni recipe with one change: omni-from-oracle (the IP-Adapter starts from the
   oracle run's, through adapter.init_from: an IP path that already listens to tokens), omni-ip-lr (the
   IP-Adapter's learning rate ×10 instead of ×3), omni-long (1000 steps instead of 200: the recipe of the
-  committed CI encoders; with --train-seed 1 the other seed of CI's margins).
+  committed CI encoders; with --train-seed 1 the other seed of CI's margins), omni-low-ip-lr (the joint stage
+  at the second stage's IP learning rate, 3e-4 instead of 3e-3) and omni-low-ip-lr-then-ip (its second stage).
 - omni-then-ip: a second stage after omni — its encoder frozen (adapter.freeze_encoder), only its IP-Adapter
   trained on, with Lgen: the oracle's situation (tokens that hold still) with the real encoder, and the
   pipeline's second stage (IP_STAGE); omni-then-ip-lr3, -lr01 and -text-dropout: the same at the first stage's
   IP learning rate (3e-3), at 1e-4, and with the caption dropped half the time. With --steps 1000 they start
   from the committed Omni-Attribute encoder's recipe (omni at 1000 steps); generative-only-then-ip: the
   same second stage after generative-only (the table's two stages of that row, e.g. at another --train-seed).
+  --start-steps N trains the second stage --steps but starts it from the first stage at N steps (e.g.
+  --start-steps 1000 --steps 3000: three times the pipeline's second stage after the committed encoder).
+- the leakage claim: holistic (the table's holistic row: the whole-image prompt, Lgen only) and its second
+  stages — holistic-then-ip as the pipeline trains it, holistic-then-reconstruction with the target the
+  reference itself (the original IP-Adapter recipe, how the paper's holistic baselines learn).
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -95,6 +101,7 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "omni-from-oracle": (VARIANTS[OMNI], 200),  # the IP-Adapter starts from the oracle run's (adapter.init_from)
     "omni-ip-lr": ([*VARIANTS[OMNI], "optim.ip_lr_scale=10"], 200),
     "omni-long": (VARIANTS[OMNI], 1000),
+    "omni-low-ip-lr": ([*VARIANTS[OMNI], "optim.ip_lr_scale=0.3"], 200),  # the joint stage at the second stage's IP rate
     # a second stage: the omni run's encoder frozen, only its IP-Adapter trained further with Lgen — the
     # pipeline's recipe (IP_STAGE: the IP learning rate 3e-4), and that recipe with one change each
     "omni-then-ip": (IP_STAGE, 1000),
@@ -102,9 +109,17 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "omni-then-ip-lr01": ([*IP_STAGE, "optim.ip_lr_scale=0.1"], 1000),  # 1e-4
     "omni-then-ip-text-dropout": ([*IP_STAGE, "loss.drop_text=0.5"], 1000),  # D(E, ∅), which the guider uses, 5× as often
     "generative-only-then-ip": (IP_STAGE, 1000),  # the table's Lgen-only row with its second stage
+    "omni-low-ip-lr-then-ip": (IP_STAGE, 1000),
+    # the leakage claim: the holistic row (no attribute text, no Lcon) with its second stage as the pipeline
+    # trains it, and with the original IP-Adapter recipe instead — the target is the reference itself
+    "holistic": (VARIANTS["holistic encoder"], 200),
+    "holistic-then-ip": (IP_STAGE, 1000),
+    "holistic-then-reconstruction": ([*IP_STAGE, "loss.reconstruct=1"], 1000),
 }
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
 STARTS_FROM = {"omni-from-oracle": "oracle", "generative-only-then-ip": "generative-only",
+               "omni-low-ip-lr-then-ip": "omni-low-ip-lr",
+               **{name: "holistic" for name in EXPERIMENTS if name.startswith("holistic-then-")},
                **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")}}
 
 
@@ -141,11 +156,12 @@ def ip_curve(metrics_path: Path, points: int = 5) -> list[dict]:
 
 def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: int, log=print,
         train_seed: int | None = None, out: Path | None = None, reuse_every: list[int] = (),
-        compute: Compute = CPU, caption_steps: int | None = None) -> dict:
+        compute: Compute = CPU, caption_steps: int | None = None, start_steps: int | None = None) -> dict:
     """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed);
     ``reuse_every``: each experiment is also evaluated, on the same cases, with the guider's approximate
     "reuse Δ every k steps" rule for each k (issue 13: its composition score against the exact rule's);
-    ``caption_steps``: the experiments run on a backbone pre-trained for this many steps instead of the size's."""
+    ``caption_steps``: the experiments run on a backbone pre-trained for this many steps instead of the size's;
+    ``start_steps``: the steps of the experiment a second stage starts from (default: ``steps``)."""
     train_seed = seed if train_seed is None else train_seed
     models, info = train_world(size_name, work, seed, variants={}, log=log, compute=compute, caption_steps=caption_steps)
     size = SIZES[size_name]
@@ -160,14 +176,15 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
     log(f"[backbone] read back per factor: {json.dumps(report['backbone_read_back'])}")
     text_only = None
 
-    def trained(name: str):
+    def trained(name: str, own_steps: int | None = None):
         """(config, run folder) of an experiment, trained unless cached (after what it starts from)."""
         overrides, default_steps = EXPERIMENTS[name]
-        n = steps or default_steps
-        run_dir = work / (f"diagnostic-{name}-{n}" + ("" if train_seed == seed else f"-seed{train_seed}")
+        n = own_steps or steps or default_steps
+        start = f"-from{start_steps}" if name in STARTS_FROM and start_steps and start_steps != n else ""
+        run_dir = work / (f"diagnostic-{name}-{n}{start}" + ("" if train_seed == seed else f"-seed{train_seed}")
                           + (f"-caption{caption_steps}" if caption_steps else ""))
         if name in STARTS_FROM:
-            _, start_dir = trained(STARTS_FROM[name])
+            _, start_dir = trained(STARTS_FROM[name], start_steps)
             overrides = [*overrides, f"adapter.init_from={start_dir / 'adapter.safetensors'}"]
         config = load_config(TRAIN_CONFIG, [
             f"output_dir={run_dir}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}", "data.validation_pairs=null",
@@ -256,6 +273,8 @@ def main() -> None:
     parser.add_argument("--experiment", action="append", choices=list(EXPERIMENTS), default=None,
                         help="repeat for several (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every experiment (default: its own)")
+    parser.add_argument("--start-steps", type=int, default=None, metavar="N",
+                        help="training steps of the experiment a second stage starts from (default: --steps)")
     parser.add_argument("--size", choices=list(SIZES), default="ci")
     parser.add_argument("--work", type=Path, default=None, help="stage cache (default runs/tiny-world-ci or runs/tiny-world)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world's stages")
@@ -272,7 +291,7 @@ def main() -> None:
             ).resolve()
     report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
                  log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out, reuse_every=args.reuse_every,
-                 compute=compute, caption_steps=args.caption_steps)
+                 compute=compute, caption_steps=args.caption_steps, start_steps=args.start_steps)
     print(render(report))
 
 
