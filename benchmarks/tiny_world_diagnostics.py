@@ -26,7 +26,8 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   pipeline's second stage (IP_STAGE); omni-then-ip-lr3, -lr01 and -text-dropout: the same at the first stage's
   IP learning rate (3e-3), at 1e-4, and with the caption dropped half the time. With --steps 1000 they start
   from the committed Omni-Attribute encoder's recipe (omni at 1000 steps); generative-only-then-ip: the
-  same second stage after generative-only (the table's two stages of that row, e.g. at another --train-seed).
+  same second stage after generative-only, contrastive-only-then-ip after contrastive-only (the table's two
+  stages of those rows, e.g. at another --train-seed).
   --start-steps N trains the second stage --steps but starts it from the first stage at N steps (e.g.
   --start-steps 1000 --steps 3000: three times the pipeline's second stage after the committed encoder).
 - the leakage claim: holistic (the table's holistic row: the whole-image prompt, Lgen only) and its second
@@ -109,6 +110,7 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "omni-then-ip-lr01": ([*IP_STAGE, "optim.ip_lr_scale=0.1"], 1000),  # 1e-4
     "omni-then-ip-text-dropout": ([*IP_STAGE, "loss.drop_text=0.5"], 1000),  # D(E, ∅), which the guider uses, 5× as often
     "generative-only-then-ip": (IP_STAGE, 1000),  # the table's Lgen-only row with its second stage
+    "contrastive-only-then-ip": (IP_STAGE, 1000),  # likewise the Lcon-only row (its IP-Adapter's only training)
     "omni-low-ip-lr-then-ip": (IP_STAGE, 1000),
     # the leakage claim: the holistic row (no attribute text, no Lcon) with its second stage as the pipeline
     # trains it, and with the original IP-Adapter recipe instead — the target is the reference itself
@@ -118,7 +120,7 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
 }
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
 STARTS_FROM = {"omni-from-oracle": "oracle", "generative-only-then-ip": "generative-only",
-               "omni-low-ip-lr-then-ip": "omni-low-ip-lr",
+               "contrastive-only-then-ip": "contrastive-only", "omni-low-ip-lr-then-ip": "omni-low-ip-lr",
                **{name: "holistic" for name in EXPERIMENTS if name.startswith("holistic-then-")},
                **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")}}
 
