@@ -1,6 +1,6 @@
 """Why the generation half does (not) transfer: the diagnostics of issue 12, in the tiny attribute world.
 
-    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--size ci|full|gpu] [--work DIR]
+    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--start-steps N] [--size ci|full|gpu] [--work DIR]
                                                 [--reuse-every K ...] [--caption-steps N] [--device D] [--bf16]
 
 Every experiment trains with omni-attribute-train's trainer on the world's frozen generator (the stages of

@@ -94,8 +94,10 @@ OMNI = "Omni-Attribute (Lgen + Lcon)"
 # each step overshoots) and attribute fidelity moves 0.417 → 0.431; at 3e-4 Lgen falls below it (0.0325) and
 # fidelity reaches 0.465, composition of 2 references 0.389 → 0.451 (training seed 1: 0.354, no measurable
 # gain over its first stage). More text dropout (0.5, to train the
-# D(E, ∅) the guider uses) did not help (0.389). For the contrastive-only variant this stage is the only one
-# that trains an IP-Adapter at all (its first stage has λgen = 0).
+# D(E, ∅) the guider uses) did not help (0.389), nor 3000 steps instead of 1000 (0.382: the 800 pairs are fitted,
+# background is lost), nor the joint stage at this low rate too (0.340, then 0.403 after this stage: the joint
+# stage needs its high rate to get the IP path going from zero). For the contrastive-only variant this stage is
+# the only one that trains an IP-Adapter at all (its first stage has λgen = 0).
 IP_STAGE = ["loss.lambda_gen=1.0", "loss.lambda_con=0.0", "adapter.freeze_encoder=true", "optim.ip_lr_scale=0.3"]
 # s_T of the flow-blend rule in the evaluation (and the shipped tiny-world workflow): the small generator
 # draws clean images only with guidance on its caption (s_T = 1 leaves them blocky and noisy)

@@ -59,7 +59,7 @@ class AdapterConfig:
     # encoder with such a stage at a tenth of the joint stage's IP learning rate (optim.ip_lr_scale 0.3 instead
     # of 3 there): on its 1000-step encoder attribute fidelity 0.417 → 0.465, two-reference composition 0.389 →
     # 0.451 at training seed 0 (no measurable gain at seed 1); at the joint stage's rate Lgen does not fall below
-    # its value without tokens (BENCHMARKS.md, issue 12).
+    # its value without tokens, and the joint stage itself at the low rate transfers less (BENCHMARKS.md, issue 12).
     freeze_encoder: bool = False
 
     def metadata(self, backbone_info: dict, out_dim: int, training: dict | None = None,
