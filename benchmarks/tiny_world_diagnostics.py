@@ -1,7 +1,7 @@
 """Why the generation half does (not) transfer: the diagnostics of issue 12, in the tiny attribute world.
 
-    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--start-steps N] [--size ci|full|gpu] [--work DIR]
-                                                [--reuse-every K ...] [--caption-steps N] [--device D] [--bf16]
+    python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--start-steps N] [--size ci|full|gpu]
+                                                [--work DIR] [--reuse-every K ...] [--caption-steps N] [--device D] [--bf16]
 
 Every experiment trains with omni-attribute-train's trainer on the world's frozen generator (the stages of
 benchmarks/tiny_world.py, cached in the same --work folder and shared with it), with the IP statistics on
