@@ -30,7 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import argparse
 
-from lab.world.pipeline import REPO, SIZES, add_compute_arguments, compute_from, render_table, run_benchmark
+from lab.world.pipeline import (
+    SIZES,
+    add_compute_arguments,
+    compute_from,
+    default_work,
+    render_table,
+    run_benchmark,
+)
 
 
 def main() -> None:
@@ -42,7 +49,7 @@ def main() -> None:
     add_compute_arguments(parser)
     args = parser.parse_args()
     compute = compute_from(args, parser)
-    work = args.work or REPO / "runs" / {"ci": "tiny-world-ci", "full": "tiny-world", "gpu": "tiny-world-gpu"}[args.size]
+    work = args.work or default_work(args.size)
     _, report = run_benchmark(args.size, work, args.seed, set(args.force), log=lambda m: print(m, flush=True),
                               compute=compute)
     print(render_table(report))
