@@ -32,7 +32,9 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   --start-steps 1000 --steps 3000: three times the pipeline's second stage after the committed encoder).
 - the leakage claim: holistic (the table's holistic row: the whole-image prompt, Lgen only) and its second
   stages — holistic-then-ip as the pipeline trains it, holistic-then-reconstruction with the target the
-  reference itself (the original IP-Adapter recipe, how the paper's holistic baselines learn).
+  reference itself (the original IP-Adapter recipe, how the paper's holistic baselines learn);
+  holistic-both-losses (+ -then-ip): Omni-Attribute's recipe, both losses, with the whole-image prompt instead
+  of the attribute text — a holistic encoder trained to tell images apart, whose tokens carry the image.
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -67,15 +69,16 @@ from lab.world.pairs import read_images
 from lab.world.pipeline import (
     CPU,
     ENCODER_SETTINGS,
+    HOLISTIC_TEMPLATE,
     IP_STAGE,
     OMNI,
-    REPO,
     SIZES,
     TRAIN_CONFIG,
     VARIANTS,
     Compute,
     add_compute_arguments,
     compute_from,
+    default_work,
     evaluate,
     train_world,
 )
@@ -117,11 +120,16 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "holistic": (VARIANTS["holistic encoder"], 200),
     "holistic-then-ip": (IP_STAGE, 1000),
     "holistic-then-reconstruction": ([*IP_STAGE, "loss.reconstruct=1"], 1000),
+    # a holistic encoder whose tokens carry the image: Omni-Attribute's recipe (both losses) with the attribute
+    # text replaced by the whole-image prompt — the one difference from Omni-Attribute is the attribute text
+    "holistic-both-losses": ([*VARIANTS[OMNI], HOLISTIC_TEMPLATE], 200),
+    "holistic-both-losses-then-ip": (IP_STAGE, 1000),
 }
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
 STARTS_FROM = {"omni-from-oracle": "oracle", "generative-only-then-ip": "generative-only",
                "contrastive-only-then-ip": "contrastive-only", "omni-low-ip-lr-then-ip": "omni-low-ip-lr",
                **{name: "holistic" for name in EXPERIMENTS if name.startswith("holistic-then-")},
+               "holistic-both-losses-then-ip": "holistic-both-losses",
                **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")}}
 
 
@@ -289,8 +297,7 @@ def main() -> None:
     add_compute_arguments(parser)
     args = parser.parse_args()
     compute = compute_from(args, parser)
-    work = (args.work or REPO / "runs" / {"ci": "tiny-world-ci", "full": "tiny-world", "gpu": "tiny-world-gpu"}[args.size]
-            ).resolve()
+    work = (args.work or default_work(args.size)).resolve()
     report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
                  log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out, reuse_every=args.reuse_every,
                  compute=compute, caption_steps=args.caption_steps, start_steps=args.start_steps)
