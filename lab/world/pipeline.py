@@ -92,10 +92,10 @@ OMNI = "Omni-Attribute (Lgen + Lcon)"
 # The recipe's second stage, the same for every variant (trainer options adapter.init_from + freeze_encoder):
 # the encoder of the first stage frozen, its IP-Adapter alone trained on with Lgen at a tenth of the first
 # stage's IP learning rate (3e-4 instead of 3e-3). Measured on the committed Omni-Attribute encoder (BENCHMARKS.md,
-# 144 cases, 1000 steps, at the attribute weight w = 3 of then): at 3e-3 Lgen on the training pairs stays *above* its value without tokens (0.039 vs 0.033:
-# each step overshoots) and attribute fidelity moves 0.417 → 0.431; at 3e-4 Lgen falls below it (0.0325) and
-# fidelity reaches 0.465, composition of 2 references 0.389 → 0.451 (training seed 1: 0.354, no measurable
-# gain over its first stage). More text dropout (0.5, to train the
+# 144 cases, 1000 steps, at the attribute weight w = 3 of then): at 3e-3 Lgen on the training pairs stays *above*
+# its value without tokens (0.039 vs 0.033: each step overshoots) and attribute fidelity moves 0.417 → 0.431; at
+# 3e-4 Lgen falls below it (0.0325) and fidelity reaches 0.465, composition of 2 references 0.389 → 0.451
+# (training seed 1: 0.354, no measurable gain over its first stage). More text dropout (0.5, to train the
 # D(E, ∅) the guider uses) did not help (0.389), nor 3000 steps instead of 1000 (0.382: the 800 pairs are fitted,
 # background is lost), nor the joint stage at this low rate too (0.340, then 0.403 after this stage: the joint
 # stage needs its high rate to get the IP path going from zero). For the contrastive-only variant this stage is
