@@ -34,7 +34,8 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   stages — holistic-then-ip as the pipeline trains it, holistic-then-reconstruction with the target the
   reference itself (the original IP-Adapter recipe, how the paper's holistic baselines learn);
   holistic-both-losses (+ -then-ip): Omni-Attribute's recipe, both losses, with the whole-image prompt instead
-  of the attribute text — a holistic encoder trained to tell images apart, whose tokens carry the image.
+  of the attribute text (measured: its Lcon stays at ln 4 — the contrastive candidates differ only by their
+  attribute text, so for an encoder blind to it Lcon has no gradient).
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -120,8 +121,8 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     "holistic": (VARIANTS["holistic encoder"], 200),
     "holistic-then-ip": (IP_STAGE, 1000),
     "holistic-then-reconstruction": ([*IP_STAGE, "loss.reconstruct=1"], 1000),
-    # a holistic encoder whose tokens carry the image: Omni-Attribute's recipe (both losses) with the attribute
-    # text replaced by the whole-image prompt — the one difference from Omni-Attribute is the attribute text
+    # Omni-Attribute's recipe (both losses) with the attribute text replaced by the whole-image prompt: the one
+    # difference from Omni-Attribute is the attribute text
     "holistic-both-losses": ([*VARIANTS[OMNI], HOLISTIC_TEMPLATE], 200),
     "holistic-both-losses-then-ip": (IP_STAGE, 1000),
 }
