@@ -125,12 +125,16 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     # difference from Omni-Attribute is the attribute text
     "holistic-both-losses": ([*VARIANTS[OMNI], HOLISTIC_TEMPLATE], 200),
     "holistic-both-losses-then-ip": (IP_STAGE, 1000),
+    # the paper's Lcon is met by E(·, a+) constant over images for an attribute hard to read (the other three
+    # candidates still differ): in-batch negatives (the other pairs' E(·, a+)) forbid that
+    "omni-in-batch": ([*VARIANTS[OMNI], "loss.in_batch_negatives=true"], 200),
+    "omni-in-batch-then-ip": (IP_STAGE, 1000),
 }
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
 STARTS_FROM = {"omni-from-oracle": "oracle", "generative-only-then-ip": "generative-only",
                "contrastive-only-then-ip": "contrastive-only", "omni-low-ip-lr-then-ip": "omni-low-ip-lr",
                **{name: "holistic" for name in EXPERIMENTS if name.startswith("holistic-then-")},
-               "holistic-both-losses-then-ip": "holistic-both-losses",
+               "holistic-both-losses-then-ip": "holistic-both-losses", "omni-in-batch-then-ip": "omni-in-batch",
                **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")}}
 
 

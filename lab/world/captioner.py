@@ -148,6 +148,25 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
 
 
 @torch.no_grad()
+def image_states(folder: str | Path, images: torch.Tensor, image_pixels: int = 112 * 112,
+                 device: str | torch.device = "cpu", batch_size: int = 32) -> torch.Tensor:
+    """The backbone's last hidden states at the image tokens, [N, tokens, width], in the tokens' row-major
+    order. They come before any instruction in the causal MLLM, so they are what every attribute text reads."""
+    backbone = load_backbone(folder)
+    model, tokenizer = backbone.model.to(device).eval(), backbone.tokenizer
+    helper = _image_helper(backbone, image_pixels, device)
+    rows = []
+    for start in range(0, images.shape[0], batch_size):
+        pixel_values, grids, n_tokens = _image_inputs(helper, images[start:start + batch_size])
+        count = grids.shape[0]
+        ids, mask, _ = (t.to(device) for t in _answer_batch(tokenizer, n_tokens, [("Describe the image:", "")] * count))
+        hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+                             image_grid_thw=grids).last_hidden_state
+        rows.append(hidden[:, ids[0] == model.config.image_token_id].float().cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
 def read_back(folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
               image_pixels: int = 112 * 112, device: str | torch.device = "cpu", ask: str = "caption"
               ) -> dict[str, float]:

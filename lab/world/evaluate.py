@@ -47,6 +47,17 @@ def _query_hits(embeddings: dict[str, torch.Tensor], assignments: list[Assignmen
     return hits, chance
 
 
+def mean_cosine_between_images(embeddings: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per factor, the mean cosine between the pooled embeddings of two different images under its name: near
+    1 when the encoder gives (nearly) the same embedding whatever the image — the attribute is not encoded."""
+    out = {}
+    for f, emb in embeddings.items():
+        unit = F.normalize(emb.float(), dim=-1)
+        n = unit.shape[0]
+        out[f] = float(((unit @ unit.T).sum() - n) / (n * (n - 1)))
+    return out
+
+
 def retrieval(embeddings: dict[str, torch.Tensor], assignments: list[Assignment], k: int = 10) -> dict[str, dict]:
     """For each factor f: precision@k of retrieving images with the query's value of f when embedding
     under f's name; leakage = the same precision measured on every other factor g (averaged), with

@@ -64,6 +64,7 @@ class OmniAttributeModel(nn.Module):
         template = self.encoder.metadata.prompt_template
         need_gen, need_con = cfg.lambda_gen > 0, cfg.lambda_con > 0
         ref_tokens, targets, captions, pooled = [], [], [], {"xp": [], "yp": [], "xn": [], "yn": []}
+        positive_rows: dict[str, list[torch.Tensor]] = {"x": [], "y": []}  # each (pair, a+) once, for in-batch negatives
         for sample in batch:
             record = sample.record
             positives, negatives = choose_attribute_sets(record, rng, cfg.attributes_per_pair)
@@ -85,6 +86,8 @@ class OmniAttributeModel(nn.Module):
                 rows[name] = pool
             if contrast:  # every (a+, a−) tuple: rows [0, P) are the a+ embeddings, [P, P+N) the a− ones
                 p = len(positives)
+                for name in ("x", "y"):
+                    positive_rows[name].extend(rows[name][:p])
                 for i in range(p):
                     for j in range(p, len(contrast)):
                         for key, row in (("xp", rows["x"][i]), ("yp", rows["y"][i]), ("xn", rows["x"][j]),
@@ -110,8 +113,11 @@ class OmniAttributeModel(nn.Module):
         if need_con and pooled["xp"]:
             stacked = {k: torch.stack(v) for k, v in pooled.items()}
             lcon = contrastive_loss(stacked["xp"], stacked["yp"], stacked["xn"], stacked["yn"], cfg.tau)
-            if cfg.in_batch_negatives and len(pooled["xp"]) > 1:
-                lcon = lcon + in_batch_contrastive_loss(stacked["xp"], stacked["yp"], cfg.tau)
+            # in-batch negatives over each (pair, a+) once: the tuples repeat every a+ once per a−, and a copy of the
+            # positive among its own negatives would cap the loss instead of pushing the other pairs away
+            if cfg.in_batch_negatives and len(positive_rows["x"]) > 1:
+                lcon = lcon + in_batch_contrastive_loss(torch.stack(positive_rows["x"]), torch.stack(positive_rows["y"]),
+                                                        cfg.tau)
         loss = cfg.lambda_gen * lgen + cfg.lambda_con * lcon
         return {"loss": loss, "lgen": lgen.detach(), "lcon": lcon.detach()}
 

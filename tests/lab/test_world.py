@@ -111,6 +111,17 @@ def test_retrieval_metric_on_known_embeddings():
     assert 0.0 < selectivity_spread(onehot, assignments) < 0.1
 
 
+def test_mean_cosine_between_images_tells_a_constant_embedding_from_an_image_dependent_one():
+    """1 when every image gets the same embedding under a name (the attribute is not encoded), near 0 for
+    embeddings that differ from image to image."""
+    from lab.world.evaluate import mean_cosine_between_images
+
+    constant = torch.randn(1, 16).repeat(50, 1) * torch.rand(50, 1)  # one direction, any norm
+    scores = mean_cosine_between_images({"shape": constant, "color": torch.randn(50, 16)})
+    assert scores["shape"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(scores["color"]) < 0.1
+
+
 def test_generator_stage_reloads_with_its_own_tokenizer_and_samples_deterministically(world_generator, tiny_backbone):
     from lab.world.generator import sample_images
     from omni_attribute.train.generator import load_tiny_generator
@@ -242,6 +253,19 @@ def test_backbone_read_back_scores_the_likeliest_value_of_each_factor(tmp_path, 
     assert set(first) == set(FACTORS) and all(v * len(truth) == round(v * len(truth)) for v in first.values())
     assert all(0.0 <= v <= 1.0 for v in first.values())
     assert read_back(tiny_backbone, images, truth) == first
+
+
+def test_image_states_are_each_images_own_whatever_the_batch(tmp_path, tiny_backbone):
+    """One row of image-token states per image, [N, tokens, width]; batching does not change them (each image
+    is read on its own in the causal MLLM), and different images give different states."""
+    from lab.world.captioner import image_states
+
+    rows = read_images(make_images(tmp_path / "img", 5, seed=5))
+    images = load_rgb_batch([p for p, _, _ in rows])
+    together, apart = image_states(tiny_backbone, images), image_states(tiny_backbone, images, batch_size=2)
+    assert together.shape[0] == 5 and together.shape[1] > 1
+    assert torch.allclose(together, apart, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
 
 
 def test_generator_trains_and_samples_under_bf16_autocast(tmp_path, tiny_backbone, world_generator):

@@ -226,6 +226,44 @@ def test_several_attribute_tuples_per_pair_average_the_papers_lcon(tmp_path, pai
         tiny_config(tmp_path, pairs, tiny_backbone, "loss.attributes_per_pair=0")
 
 
+def test_in_batch_negatives_count_each_pairs_positive_once(tmp_path, pairs, tiny_backbone):
+    """With several (a+, a−) tuples per pair, the in-batch term runs over each (pair, a+) once: the paper's Lcon
+    over every tuple, plus symmetric InfoNCE over the unique positives of the batch."""
+    from omni_attribute.prompt import format_instruction
+    from omni_attribute.train.data import PairDataset
+    from omni_attribute.train.losses import contrastive_loss, in_batch_contrastive_loss
+
+    two_negatives = tmp_path / "pairs.jsonl"  # 2 a+ × 2 a−: each a+ is in two tuples
+    lines = [json.loads(line) for line in pairs.read_text().splitlines()[:2]]
+    two_negatives.write_text("".join(json.dumps({
+        **r, "image_a": str(pairs.parent / r["image_a"]), "image_b": str(pairs.parent / r["image_b"]),
+        "negative_attributes": [*r["negative_attributes"], "image lighting"]}) + "\n" for r in lines))
+    config = tiny_config(tmp_path, two_negatives, tiny_backbone, "loss.lambda_gen=0", "loss.attributes_per_pair=99",
+                         "loss.in_batch_negatives=true")
+    records, info = preflight(config)
+    dataset = PairDataset(records, config.data.image_size)
+    batch = [dataset[0], dataset[1]]
+    model = build_model(config, info)
+    with torch.no_grad():
+        lcon = float(model(batch, step_seed=3)["lcon"])
+        template = model.encoder.metadata.prompt_template
+        embed = lambda image, text: model.encoder.encode_image(  # noqa: E731
+            image[None], [format_instruction([text], template)])[1][0]
+        tuples, x_pos, y_pos = [], [], []
+        for sample in batch:
+            record = sample.record
+            for p in record.positive_attributes:
+                x_pos.append(embed(sample.image_a, p))
+                y_pos.append(embed(sample.image_b, p))
+                tuples += [contrastive_loss(x_pos[-1][None], y_pos[-1][None], embed(sample.image_a, n)[None],
+                                            embed(sample.image_b, n)[None], tau=config.loss.tau)
+                           for n in record.negative_attributes]
+        expected = torch.stack(tuples).mean() + in_batch_contrastive_loss(torch.stack(x_pos), torch.stack(y_pos),
+                                                                          config.loss.tau)
+    assert len(tuples) == 2 * len(x_pos) == 8
+    assert lcon == pytest.approx(float(expected), abs=1e-4)
+
+
 def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, pairs, tiny_backbone, monkeypatch, caplog):
     """The disk fills up while the second checkpoint is written: a clear error, no half-written folder,
     the first checkpoint intact, and the same command run again resumes from it and finishes."""
