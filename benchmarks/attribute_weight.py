@@ -8,7 +8,9 @@ evaluation uses one w for every encoder and baseline (ATTRIBUTE_SCALE in lab/wor
 the evaluation's own cases would fit the table to them, so this sweep draws *other* cases and noise (--case-seed,
 default 100; the table uses the world's seed, 0) and evaluates personalization and composition of each trained
 encoder (default: Omni-Attribute, the committed two-stage weights in --work) at each w. Text only does not depend
-on w: it is sampled once. Writes attribute-weight.json into --work and prints a table.
+on w: it is sampled once. ``--phrasing K`` asks the encoders with each factor's K-th phrasing (0-2: those of the
+training pairs) instead of the held-out one the table uses: what the held-out words cost. Writes
+attribute-weight.json into --work and prints a table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import time
 
+from lab.world.factors import HELD_OUT_PHRASINGS, PHRASINGS
 from lab.world.judge import load_judge
 from lab.world.pipeline import (
     CPU,
@@ -43,17 +46,20 @@ WEIGHTS = (2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 def sweep(size_name: str, work: Path, weights: list[float], variants: list[str], case_seed: int, compute: Compute = CPU,
-          log=print, cases: int | None = None) -> dict:
+          log=print, cases: int | None = None, phrasing: int | None = None) -> dict:
     """{variant: {w: summary}} on ``case_seed``'s cases (``cases`` of them; default: the size's evaluation count),
-    with the text-only baseline of the same cases."""
+    with the text-only baseline of the same cases. ``phrasing``: the index of the factors' phrasing the encoders
+    are asked with (default: the held-out one)."""
+    phrasings = HELD_OUT_PHRASINGS if phrasing is None else {f: PHRASINGS[f][phrasing] for f in PHRASINGS}
     models, _ = train_world(size_name, work, 0, variants={v: VARIANTS[v] for v in variants}, log=log, compute=compute)
     judge = load_judge(models.judge)
     cases = cases or SIZES[size_name]["eval_cases"]
-    report: dict = {"size": size_name, "case_seed": case_seed, "cases": cases, "text_scale": TEXT_SCALE, "rows": {}}
+    report: dict = {"size": size_name, "case_seed": case_seed, "cases": cases, "text_scale": TEXT_SCALE,
+                    "phrasings": phrasings, "rows": {}}
     text_only = None
     for variant in variants:
         adapter = models.adapters[variant]
-        tokens_of = encoder_tokens(load_encoder(models.backbone, adapter, device=compute.device))
+        tokens_of = encoder_tokens(load_encoder(models.backbone, adapter, device=compute.device), phrasings)
         report["rows"][variant] = {}
         for w in weights:
             started = time.time()
@@ -70,8 +76,10 @@ def sweep(size_name: str, work: Path, weights: list[float], variants: list[str],
 
 def render(report: dict) -> str:
     base = report["text_only_baseline"]
-    title = (f"Attribute weight w — tiny world size {report['size']}, validation cases (case seed "
-             f"{report['case_seed']}, {report['cases']} cases), s_T = {report['text_scale']:g}")
+    which = "the table's cases" if report["case_seed"] == 0 else "validation cases"
+    title = (f"Attribute weight w — tiny world size {report['size']}, {which} (case seed "
+             f"{report['case_seed']}, {report['cases']} cases), s_T = {report['text_scale']:g}; asked as "
+             + ", ".join(f"{f} '{p}'" for f, p in report["phrasings"].items()))
     baseline = (f"Text only: attribute fidelity {base['attribute_fidelity']:.3f}, text fidelity "
                 f"{base['text_fidelity']:.3f}, copy-paste {base['copy_paste']:.3f}; composition 2 refs "
                 f"{base['composition_2']:.3f} (both {base['composition_2_all']:.3f}).")
@@ -94,6 +102,8 @@ def main() -> None:
                         help=f"repeat (default {OMNI!r})")
     parser.add_argument("--case-seed", type=int, default=100, help="seed of the validation cases (the table's: 0)")
     parser.add_argument("--cases", type=int, default=None, help="cases per weight (default: the size's evaluation count)")
+    parser.add_argument("--phrasing", type=int, choices=range(len(PHRASINGS["shape"])), default=None, metavar="K",
+                        help="ask with each factor's K-th phrasing (0-2: the training pairs'; default: the held-out one, 3)")
     parser.add_argument("--size", choices=list(SIZES), default="ci")
     parser.add_argument("--work", type=Path, default=None, help="stage cache (default runs/tiny-world-ci or runs/tiny-world)")
     add_compute_arguments(parser)
@@ -106,7 +116,7 @@ def main() -> None:
         parser.error(f"--cases {args.cases}: give at least 1")
     work = (args.work or default_work(args.size)).resolve()
     report = sweep(args.size, work, args.weight or list(WEIGHTS), args.variant or [OMNI], args.case_seed, compute,
-                   log=lambda m: print(m, flush=True), cases=args.cases)
+                   log=lambda m: print(m, flush=True), cases=args.cases, phrasing=args.phrasing)
     (work / "attribute-weight.json").write_text(json.dumps(report, indent=2))
     print(render(report))
 

@@ -36,6 +36,9 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
   holistic-both-losses (+ -then-ip): Omni-Attribute's recipe, both losses, with the whole-image prompt instead
   of the attribute text (measured: its Lcon stays at ln 4 — the contrastive candidates differ only by their
   attribute text, so for an encoder blind to it Lcon has no gradient).
+- omni-in-batch (+ -then-ip): Omni-Attribute's recipe with the trainer's in-batch negatives
+  (loss.in_batch_negatives: the other pairs' E(·, a+) as extra negatives), against the constant embedding the
+  paper's Lcon allows for an attribute hard to read (measured: shape's embedding stays nearly constant).
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's

@@ -41,7 +41,9 @@ from lab.world.evaluate import (
 from lab.world.factors import FACTORS, PHRASINGS, Assignment
 from lab.world.pairs import read_images
 from lab.world.pipeline import (
+    CPU,
     VARIANTS,
+    Compute,
     add_compute_arguments,
     compute_from,
     default_work,
@@ -78,6 +80,26 @@ def probe_phrasings(encoder, images: torch.Tensor, truth: list[Assignment]) -> l
     return rows
 
 
+def probe(size_name: str, work: Path, variants: list[str], adapters: dict[str, Path] | None = None,
+          compute: Compute = CPU, log=print) -> dict:
+    """The backbone's state probes and, for each table encoder in ``variants`` and each labelled adapter file,
+    its probes per phrasing (the world's stages from --work, trained or committed as the pipeline does)."""
+    started = time.time()
+    models, info = train_world(size_name, work, 0, variants={v: VARIANTS[v] for v in variants}, compute=compute, log=log)
+    held_out = read_images(Path(info["held_out"]))
+    gen_rows = read_images(Path(info["held_out"]).parents[1] / "gen" / "images.jsonl")
+    images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
+    states = probe_states(image_states(models.backbone, load_rgb_batch([p for p, _, _ in gen_rows]), device=compute.device),
+                          [a for _, a, _ in gen_rows], image_states(models.backbone, images, device=compute.device), truth)
+    report = {"size": size_name, "states": states, "encoders": {}}
+    for label, adapter in {**{v: models.adapters[v] for v in variants}, **(adapters or {})}.items():
+        report["encoders"][label] = probe_phrasings(load_encoder(models.backbone, adapter, device=compute.device),
+                                                    images, truth)
+        log(f"[{label}] probed")
+    report["seconds"] = round(time.time() - started)
+    return report
+
+
 def _render(report: dict) -> str:
     factors = list(FACTORS)
     lines = ["Backbone image states, logistic-regression probe, held-out accuracy:", "",
@@ -100,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="ci", choices=["ci", "full", "gpu"])
     parser.add_argument("--work", type=Path, default=None, help="the stage cache (default: the size's runs/ folder)")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS), default=None,
-                        help="a table encoder to probe (repeatable; default: all four)")
+                        help="a table encoder to probe (repeatable; default: all four, none when --adapter is given)")
     parser.add_argument("--adapter", action="append", default=[], metavar="LABEL=PATH",
                         help="another adapter file to probe, e.g. a diagnostic run's adapter.safetensors")
     add_compute_arguments(parser)
@@ -114,19 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         extra[label] = Path(path)
     variants = args.variant if args.variant is not None else ([] if extra else list(VARIANTS))
     work = args.work or default_work(args.size)
-    started = time.time()
-    models, info = train_world(args.size, work, 0, variants={v: VARIANTS[v] for v in variants}, compute=compute)
-    held_out = read_images(Path(info["held_out"]))
-    gen_rows = read_images(Path(info["held_out"]).parents[1] / "gen" / "images.jsonl")
-    images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
-    states = probe_states(image_states(models.backbone, load_rgb_batch([p for p, _, _ in gen_rows]), device=compute.device),
-                          [a for _, a, _ in gen_rows], image_states(models.backbone, images, device=compute.device), truth)
-    report = {"size": args.size, "states": states, "encoders": {}}
-    for label, adapter in {**{v: models.adapters[v] for v in variants}, **extra}.items():
-        encoder = load_encoder(models.backbone, adapter, device=compute.device)
-        report["encoders"][label] = probe_phrasings(encoder, images, truth)
-        print(f"[{label}] probed", flush=True)
-    report["seconds"] = round(time.time() - started)
+    report = probe(args.size, work, variants, extra, compute)
     (work / "probes.json").write_text(json.dumps(report, indent=2))
     print(_render(report))
     print(f"\n{report['seconds']} s; report: {work / 'probes.json'}")

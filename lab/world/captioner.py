@@ -2,7 +2,9 @@
 Qwen2.5-VL; the tiny world's backbone (random at birth) is first trained on world images to caption them
 ("Describe the image:" → the caption) and to answer attribute requests ("Describe the <phrasing>:" → that
 factor's words), next-token loss on the answer only, then frozen like the real one. Only the training
-phrasings are used, so the held-out phrasings stay unseen. Saved as an HF-format folder.
+phrasings are used, so the held-out phrasings stay unseen — also as words: "illumination" and "silhouette"
+are unknown to this backbone, unlike to a real MLLM, which costs the encoders lighting (BENCHMARKS.md,
+probes). Saved as an HF-format folder.
 
 Captioning alone teaches the random tiny backbone colours and backgrounds (per-pixel statistics) but hardly
 shape, pattern or lighting in the steps CI can afford (BENCHMARKS.md, read-back). A real Qwen2.5-VL comes

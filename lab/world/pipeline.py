@@ -39,7 +39,7 @@ from .evaluate import (
     selectivity,
     selectivity_spread,
 )
-from .factors import FACTORS, Assignment, caption_without, sample_assignment
+from .factors import FACTORS, HELD_OUT_PHRASINGS, Assignment, caption_without, sample_assignment
 from .generator import sample_composed, sample_images, train_world_generator
 from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
 from .pairs import make_images, make_pairs, read_images
@@ -414,9 +414,10 @@ def run_benchmark(size_name: str, work: Path, seed: int = 0, force: set[str] = f
 TokenSource = Callable[[list[Assignment], list[str]], torch.Tensor]
 
 
-def encoder_tokens(encoder) -> TokenSource:
-    """The encoder's tokens of each rendered reference under its asked factor's held-out phrasing."""
-    return lambda refs, asked: attribute_tokens(encoder, render_batch(refs), asked)
+def encoder_tokens(encoder, phrasings: dict[str, str] = HELD_OUT_PHRASINGS) -> TokenSource:
+    """The encoder's tokens of each rendered reference under its asked factor's held-out phrasing (or
+    ``phrasings``: one name per factor)."""
+    return lambda refs, asked: attribute_tokens(encoder, render_batch(refs), asked, phrasings)
 
 
 def oracle_tokens(oracle: OracleTokens) -> TokenSource:
