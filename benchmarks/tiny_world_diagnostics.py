@@ -44,6 +44,8 @@ Before the experiments, the backbone's read-back: how often the tiny MLLM finds 
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
 held-out phrasing — what any encoder on it can carry at most.
 ``--caption-steps N`` runs the experiments on a backbone pre-trained longer (its own stage and run folders).
+``--backbone-words all`` runs them on a backbone whose pre-training also asks with the held-out phrasings (the
+words a real MLLM knows); the encoders' training pairs still name the factors with the training phrasings only.
 
 For each: attribute fidelity (± its binomial standard error), copy-paste and composition against the
 text-only baseline and the text ceiling (prompts that name the reference's value); Lgen on training pairs
@@ -174,21 +176,24 @@ def ip_curve(metrics_path: Path, points: int = 5) -> list[dict]:
 
 def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: int, log=print,
         train_seed: int | None = None, out: Path | None = None, reuse_every: list[int] = (),
-        compute: Compute = CPU, caption_steps: int | None = None, start_steps: int | None = None) -> dict:
+        compute: Compute = CPU, caption_steps: int | None = None, start_steps: int | None = None,
+        backbone_words: str = "training") -> dict:
     """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed);
     ``reuse_every``: each experiment is also evaluated, on the same cases, with the guider's approximate
     "reuse Δ every k steps" rule for each k (issue 13: its composition score against the exact rule's);
     ``caption_steps``: the experiments run on a backbone pre-trained for this many steps instead of the size's;
-    ``start_steps``: the steps of the experiment a second stage starts from (default: ``steps``)."""
+    ``start_steps``: the steps of the experiment a second stage starts from (default: ``steps``);
+    ``backbone_words``: "all" runs them on a backbone pre-trained with every phrasing (the held-out ones too)."""
     train_seed = seed if train_seed is None else train_seed
-    models, info = train_world(size_name, work, seed, variants={}, log=log, compute=compute, caption_steps=caption_steps)
+    models, info = train_world(size_name, work, seed, variants={}, log=log, compute=compute, caption_steps=caption_steps,
+                               backbone_words=backbone_words)
     size = SIZES[size_name]
     data = Path(info["held_out"]).parents[1]
     held_out = read_images(Path(info["held_out"]))
     judge = load_judge(models.judge)
     images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
     report = {"size": size_name, "seed": seed, "train_seed": train_seed, "stages": info["stages"], "experiments": {},
-              "caption_steps": caption_steps or size["caption_steps"]}
+              "caption_steps": caption_steps or size["caption_steps"], "backbone_words": backbone_words}
     report["backbone_read_back"] = {ask: read_back(models.backbone, images[:96], truth[:96], device=compute.device, ask=ask)
                                     for ask in ("caption", "held-out phrasing")}
     log(f"[backbone] read back per factor: {json.dumps(report['backbone_read_back'])}")
@@ -200,7 +205,8 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
         n = own_steps or steps or default_steps
         start = f"-from{start_steps}" if name in STARTS_FROM and start_steps and start_steps != n else ""
         run_dir = work / (f"diagnostic-{name}-{n}{start}" + ("" if train_seed == seed else f"-seed{train_seed}")
-                          + (f"-caption{caption_steps}" if caption_steps else ""))
+                          + (f"-caption{caption_steps}" if caption_steps else "")
+                          + ("" if backbone_words == "training" else f"-words-{backbone_words}"))
         if name in STARTS_FROM:
             _, start_dir = trained(STARTS_FROM[name], start_steps)
             overrides = [*overrides, f"adapter.init_from={start_dir / 'adapter.safetensors'}"]
@@ -300,6 +306,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: WORK/diagnostics.json)")
     parser.add_argument("--caption-steps", type=int, default=None, metavar="N",
                         help="pre-train the backbone for N steps instead of the size's (its own cached stage)")
+    parser.add_argument("--backbone-words", choices=["training", "all"], default="training",
+                        help="the phrasings the backbone's pre-training asks with: the training ones (the committed "
+                             "backbone) or all, the held-out ones too (the words a real MLLM knows; its own stage)")
     parser.add_argument("--reuse-every", type=int, action="append", default=[], metavar="K",
                         help="also evaluate with the approximate 'reuse Δ every K steps' rule (repeat for several)")
     add_compute_arguments(parser)
@@ -308,7 +317,8 @@ def main() -> None:
     work = (args.work or default_work(args.size)).resolve()
     report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
                  log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out, reuse_every=args.reuse_every,
-                 compute=compute, caption_steps=args.caption_steps, start_steps=args.start_steps)
+                 compute=compute, caption_steps=args.caption_steps, start_steps=args.start_steps,
+                 backbone_words=args.backbone_words)
     print(render(report))
 
 

@@ -62,12 +62,13 @@ class FactorReadout(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
-def caption_or_request(assignment: Assignment, rng: random.Random) -> tuple[str, str]:
-    """(instruction, answer) for one image: its caption, or one factor named by a training phrasing."""
+def caption_or_request(assignment: Assignment, rng: random.Random,
+                       phrasings: dict[str, tuple[str, ...]] = TRAIN_PHRASINGS) -> tuple[str, str]:
+    """(instruction, answer) for one image: its caption, or one factor named by one of its ``phrasings``."""
     if rng.random() < CAPTION_SHARE:
         return "Describe the image:", caption(assignment)
     factor = rng.choice(list(FACTORS))
-    return f"Describe the {rng.choice(TRAIN_PHRASINGS[factor])}:", factor_words(assignment, factor)
+    return f"Describe the {rng.choice(phrasings[factor])}:", factor_words(assignment, factor)
 
 
 def _image_inputs(helper: AttributeEncoder, images: torch.Tensor):
@@ -112,7 +113,8 @@ def _image_helper(backbone, image_pixels: int, device: str | torch.device) -> At
 def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images: torch.Tensor, assignments: list[Assignment],
                        steps: int = 800, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
                        image_pixels: int = 112 * 112, progress=None, device: str | torch.device = "cpu",
-                       factor_weight: float = 0.0) -> Path:
+                       factor_weight: float = 0.0, phrasings: dict[str, tuple[str, ...]] = TRAIN_PHRASINGS) -> Path:
+    """``phrasings``: the names of each factor its attribute requests use (default: the training phrasings only)."""
     backbone = load_backbone(random_folder)
     model, tokenizer = backbone.model.to(device), backbone.tokenizer
     model.requires_grad_(True).train()
@@ -127,7 +129,7 @@ def pretrain_captioner(random_folder: str | Path, out_folder: str | Path, images
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator).tolist()
         with torch.no_grad():
             pixel_values, grids, n_tokens = _image_inputs(helper, images[index])
-        rows = [caption_or_request(assignments[i], rng) for i in index]
+        rows = [caption_or_request(assignments[i], rng, phrasings) for i in index]
         ids, mask, answer = (t.to(device) for t in _answer_batch(tokenizer, n_tokens, rows))
         hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grids).last_hidden_state
         # next-token loss on the answer only (logits only where needed: the vocabulary is 152k wide)

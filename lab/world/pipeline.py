@@ -39,7 +39,7 @@ from .evaluate import (
     selectivity,
     selectivity_spread,
 )
-from .factors import FACTORS, HELD_OUT_PHRASINGS, Assignment, caption_without, sample_assignment
+from .factors import FACTORS, HELD_OUT_PHRASINGS, PHRASINGS, TRAIN_PHRASINGS, Assignment, caption_without, sample_assignment
 from .generator import sample_composed, sample_images, train_world_generator
 from .judge import FactorJudge, accuracy, load_judge, save_judge, train_judge
 from .pairs import make_images, make_pairs, read_images
@@ -72,6 +72,9 @@ BACKBONE_SHAPE = {"hidden_size": 128, "layers": 4, "vision_hidden": 64, "vision_
 # images after 250 steps (BENCHMARKS.md): captioning alone sees colour 0.98 and background 1.00 but shape 0.25,
 # pattern 0.33, lighting 0.31 (chance 0.25-0.33); with the read-out at weight 1 pattern 0.98, lighting 0.79.
 BACKBONE_FACTOR_WEIGHT = 1.0
+# The phrasings the backbone's pre-training asks with ("training": the committed backbone; "all": the held-out
+# ones too — BENCHMARKS.md: with "training" the backbone has never read "illumination", which costs lighting)
+BACKBONE_WORDS = {"training": TRAIN_PHRASINGS, "all": PHRASINGS}
 # Measured at CI size, contrastive loss only, 200-300 steps, selectivity on held-out images (BENCHMARKS.md):
 # lr 3e-4 barely moves Lcon in the steps we can afford and 3e-3 stalls it, 1e-3 works (3e-3 for the
 # IP-Adapter); one (a+, a−) tuple per pair, no image positions, a 64-wide 2-layer connector: +0.01;
@@ -202,24 +205,31 @@ def variant_slug(name: str) -> str:
     return name.split(" (")[0].replace(" ", "-").lower()
 
 
-def backbone_settings(size_name: str, seed: int = 0, caption_steps: int | None = None) -> dict:
+def backbone_settings(size_name: str, seed: int = 0, caption_steps: int | None = None,
+                      backbone_words: str = "training") -> dict:
+    """``backbone_words``: "training" (the pre-training asks with the training phrasings only) or "all" (with the
+    held-out ones too: the words a real MLLM knows; the encoders' training pairs still use the training ones)."""
+    if backbone_words not in BACKBONE_WORDS:
+        raise ValueError(f"backbone_words={backbone_words!r}: use one of {sorted(BACKBONE_WORDS)}")
+    words = {} if backbone_words == "training" else {"words": backbone_words}  # the committed backbone's key stays
     return {"data": stage_name("data", data_settings(size_name, seed)),
             "steps": caption_steps or SIZES[size_name]["caption_steps"], "seed": seed, "shape": BACKBONE_SHAPE,
-            "factor_weight": BACKBONE_FACTOR_WEIGHT, "v": 3}
+            "factor_weight": BACKBONE_FACTOR_WEIGHT, "v": 3, **words}
 
 
 def encoder_settings(size_name: str, overrides: list[str], seed: int = 0, caption_steps: int | None = None,
-                     steps: int | None = None) -> dict:
+                     steps: int | None = None, backbone_words: str = "training") -> dict:
     """An encoder stage's settings (committed weights also name the files they were trained on: "trained_on")."""
     return {"gen": stage_name("generator", generator_settings(size_name, seed)),
-            "backbone": stage_name("backbone", backbone_settings(size_name, seed, caption_steps)),
+            "backbone": stage_name("backbone", backbone_settings(size_name, seed, caption_steps, backbone_words)),
             "steps": steps or SIZES[size_name]["encoder_steps"], "o": overrides, "settings": ENCODER_SETTINGS}
 
 
 def ip_stage_settings(size_name: str, variant: str, overrides: list[str], seed: int = 0,
-                      caption_steps: int | None = None, steps: int | None = None) -> dict:
+                      caption_steps: int | None = None, steps: int | None = None,
+                      backbone_words: str = "training") -> dict:
     """A second stage's settings: its first stage (the folder), its own steps and options ("trained_on" as above)."""
-    first = encoder_settings(size_name, overrides, seed, caption_steps, steps)
+    first = encoder_settings(size_name, overrides, seed, caption_steps, steps, backbone_words)
     return {"encoder": stage_name(f"encoder-{variant_slug(variant)}", first),
             "steps": steps or SIZES[size_name]["ip_steps"], "o": IP_STAGE}
 
@@ -227,7 +237,8 @@ def ip_stage_settings(size_name: str, variant: str, overrides: list[str], seed: 
 def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = frozenset(),
                 variants: dict[str, list[str]] = VARIANTS, log: Callable[[str], None] = print,
                 committed: frozenset[str] = frozenset(COMMAND_STAGE), compute: Compute = CPU,
-                caption_steps: int | None = None, encoder_steps: int | None = None) -> tuple[WorldModels, dict]:
+                caption_steps: int | None = None, encoder_steps: int | None = None,
+                backbone_words: str = "training") -> tuple[WorldModels, dict]:
     """Train (or reuse) every stage on ``compute``; returns the model paths and the stage reports. A stage of
     a kind in ``committed`` (generator, backbone, encoder) comes from the committed weights (lab/weights,
     hash-checked) when they were trained with this stage's settings — for an encoder, on these very backbone
@@ -262,7 +273,7 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
         _mark_done(judge_dir, {"held_out_accuracy": scores})
     stages["judge"] = json.loads((judge_dir / "done.json").read_text())
 
-    settings = backbone_settings(size_name, seed, caption_steps)
+    settings = backbone_settings(size_name, seed, caption_steps, backbone_words)
     backbone_dir, cached = _stage(work, "backbone", settings, force, log)
     backbone = backbone_dir / "captioner"
     source = matching("backbone", size_name, settings) if not cached and "backbone" in committed else None
@@ -278,7 +289,8 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
         pretrain_captioner(backbone_dir / "random", backbone_dir / "captioner",
                            load_rgb_batch([p for p, _, _ in gen_rows]), [a for _, a, _ in gen_rows],
                            steps=size["caption_steps"], seed=seed, progress=_every(50, "backbone", log, last),
-                           device=compute.device, factor_weight=BACKBONE_FACTOR_WEIGHT)
+                           device=compute.device, factor_weight=BACKBONE_FACTOR_WEIGHT,
+                           phrasings=BACKBONE_WORDS[backbone_words])
         _mark_done(backbone_dir, {"final_loss": last[-1] if last else None, "source": "trained here"})
     commit_settings["backbone"], model_folders["backbone"] = settings, backbone
     from transformers import AutoTokenizer
@@ -315,11 +327,12 @@ def train_world(size_name: str, work: Path, seed: int = 0, force: set[str] = fro
                 "runtime.validate_every=0", "runtime.checkpoint_every=100000", "runtime.log_every=25", *ENCODER_SETTINGS,
                 *overrides]
         first = _trained_stage(
-            work, f"encoder-{slug}", encoder_settings(size_name, overrides, seed, caption_steps, encoder_steps),
+            work, f"encoder-{slug}", encoder_settings(size_name, overrides, seed, caption_steps, encoder_steps, backbone_words),
             trained_on, [*base, f"optim.max_steps={size['encoder_steps']}"], size_name, force, committed, compute, log,
             commit_settings, model_folders)
         second = _trained_stage(
-            work, f"ip-{slug}", ip_stage_settings(size_name, name, overrides, seed, caption_steps, encoder_steps),
+            work, f"ip-{slug}", ip_stage_settings(size_name, name, overrides, seed, caption_steps, encoder_steps,
+                                                 backbone_words),
             {**trained_on, f"encoder-{slug}": model_hash(first, "encoder")} if trained_on else {},
             [*base, f"optim.max_steps={size['ip_steps']}", f"adapter.init_from={first / 'adapter.safetensors'}", *IP_STAGE],
             size_name, force, committed, compute, log, commit_settings, model_folders)

@@ -255,6 +255,22 @@ def test_backbone_read_back_scores_the_likeliest_value_of_each_factor(tmp_path, 
     assert read_back(tiny_backbone, images, truth) == first
 
 
+def test_backbone_pre_training_asks_with_the_held_out_words_only_when_told():
+    """The committed backbone's pre-training never names a factor by its held-out phrasing; backbone_words="all"
+    (the words a real MLLM knows) does, and is its own stage — the committed backbone's settings are unchanged."""
+    from lab.world.captioner import caption_or_request
+    from lab.world.factors import HELD_OUT_PHRASINGS, PHRASINGS
+    from lab.world.pipeline import backbone_settings
+
+    rng, a = random.Random(0), sample_assignment(random.Random(1))
+    held_out = {f"Describe the {p}:" for p in HELD_OUT_PHRASINGS.values()}
+    assert not held_out & {caption_or_request(a, rng)[0] for _ in range(2000)}
+    assert held_out <= {caption_or_request(a, rng, PHRASINGS)[0] for _ in range(2000)}
+    assert "words" not in backbone_settings("ci") and backbone_settings("ci", backbone_words="all")["words"] == "all"
+    with pytest.raises(ValueError, match="backbone_words"):
+        backbone_settings("ci", backbone_words="everything")
+
+
 def test_image_states_are_each_images_own_whatever_the_batch(tmp_path, tiny_backbone):
     """One row of image-token states per image, [N, tokens, width]; batching does not change them (each image
     is read on its own in the causal MLLM), and different images give different states."""
