@@ -42,6 +42,7 @@ from lab.world.factors import FACTORS, PHRASINGS, Assignment
 from lab.world.pairs import read_images
 from lab.world.pipeline import (
     CPU,
+    SIZES,
     VARIANTS,
     Compute,
     add_compute_arguments,
@@ -119,7 +120,7 @@ def _render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="ci", choices=["ci", "full", "gpu"])
+    parser.add_argument("--size", default="ci", choices=list(SIZES))
     parser.add_argument("--work", type=Path, default=None, help="the stage cache (default: the size's runs/ folder)")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS), default=None,
                         help="a table encoder to probe (repeatable; default: all four, none when --adapter is given)")
