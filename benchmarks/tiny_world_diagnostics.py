@@ -1,7 +1,8 @@
 """Why the generation half does (not) transfer: the diagnostics of issue 12, in the tiny attribute world.
 
     python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--start-steps N] [--size ci|full|gpu]
-                                                [--work DIR] [--reuse-every K ...] [--caption-steps N] [--device D] [--bf16]
+                                                [--work DIR] [--reuse-every K ...] [--caption-steps N] [--pairs N]
+                                                [--backbone-words training|all] [--device D] [--bf16]
 
 Every experiment trains with omni-attribute-train's trainer on the world's frozen generator (the stages of
 benchmarks/tiny_world.py, cached in the same --work folder and shared with it), with the IP statistics on
@@ -39,6 +40,10 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
 - omni-in-batch (+ -then-ip): Omni-Attribute's recipe with the trainer's in-batch negatives
   (loss.in_batch_negatives: the other pairs' E(·, a+) as extra negatives), against the constant embedding the
   paper's Lcon allows for an attribute hard to read (measured: shape's embedding stays nearly constant).
+- committed-omni-then-ip: the pipeline's second stage after the committed Omni-Attribute first stage
+  (lab/weights: nothing retrained before it). With --pairs N every experiment trains on N pairs of its own,
+  drawn with another seed, instead of the world's 800: what more pairs give an IP-Adapter that learns to draw a
+  frozen encoder's tokens (3000 steps on the 800 fitted them and lost background).
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -71,7 +76,7 @@ from safetensors.torch import load_file
 
 from lab.world.captioner import read_back
 from lab.world.judge import load_judge
-from lab.world.pairs import read_images
+from lab.world.pairs import make_pairs, read_images
 from lab.world.pipeline import (
     CPU,
     ENCODER_SETTINGS,
@@ -134,13 +139,18 @@ EXPERIMENTS: dict[str, tuple[list[str], int]] = {  # overrides, default steps
     # candidates still differ): in-batch negatives (the other pairs' E(·, a+)) forbid that
     "omni-in-batch": ([*VARIANTS[OMNI], "loss.in_batch_negatives=true"], 200),
     "omni-in-batch-then-ip": (IP_STAGE, 1000),
+    # the pipeline's second stage after the committed Omni-Attribute first stage (lab/weights, no retraining): with
+    # --pairs, what more training pairs give the IP-Adapter that learns to draw the frozen encoder's tokens
+    "committed-omni-then-ip": (IP_STAGE, 1000),
 }
+COMMITTED = "the committed first stage"
 # experiment → the experiment whose trained adapter it starts from (trained first if it is not cached)
 STARTS_FROM = {"omni-from-oracle": "oracle", "generative-only-then-ip": "generative-only",
                "contrastive-only-then-ip": "contrastive-only", "omni-low-ip-lr-then-ip": "omni-low-ip-lr",
                **{name: "holistic" for name in EXPERIMENTS if name.startswith("holistic-then-")},
                "holistic-both-losses-then-ip": "holistic-both-losses", "omni-in-batch-then-ip": "omni-in-batch",
-               **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")}}
+               **{name: "omni" for name in EXPERIMENTS if name.startswith("omni-then-ip")},
+               "committed-omni-then-ip": COMMITTED}
 
 
 def lgen_with_and_without_tokens(config, pairs: int = 64) -> dict[str, float]:
@@ -177,18 +187,26 @@ def ip_curve(metrics_path: Path, points: int = 5) -> list[dict]:
 def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: int, log=print,
         train_seed: int | None = None, out: Path | None = None, reuse_every: list[int] = (),
         compute: Compute = CPU, caption_steps: int | None = None, start_steps: int | None = None,
-        backbone_words: str = "training") -> dict:
+        backbone_words: str = "training", pairs: int | None = None) -> dict:
     """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed);
     ``reuse_every``: each experiment is also evaluated, on the same cases, with the guider's approximate
     "reuse Δ every k steps" rule for each k (issue 13: its composition score against the exact rule's);
     ``caption_steps``: the experiments run on a backbone pre-trained for this many steps instead of the size's;
     ``start_steps``: the steps of the experiment a second stage starts from (default: ``steps``);
-    ``backbone_words``: "all" runs them on a backbone pre-trained with every phrasing (the held-out ones too)."""
+    ``backbone_words``: "all" runs them on a backbone pre-trained with every phrasing (the held-out ones too);
+    ``pairs``: the experiments train on this many pairs of their own (another seed) instead of the world's."""
     train_seed = seed if train_seed is None else train_seed
-    models, info = train_world(size_name, work, seed, variants={}, log=log, compute=compute, caption_steps=caption_steps,
-                               backbone_words=backbone_words)
+    committed = any(STARTS_FROM.get(name) == COMMITTED for name in names)
+    models, info = train_world(size_name, work, seed, variants={OMNI: VARIANTS[OMNI]} if committed else {}, log=log,
+                               compute=compute, caption_steps=caption_steps, backbone_words=backbone_words)
     size = SIZES[size_name]
     data = Path(info["held_out"]).parents[1]
+    pairs_file = data / "pairs" / "pairs.jsonl"
+    if pairs:
+        pairs_file = work / f"pairs-{pairs}-seed{seed}" / "pairs.jsonl"
+        if not pairs_file.is_file():
+            log(f"[pairs] drawing {pairs} training pairs in {pairs_file.parent}")
+            make_pairs(pairs_file.parent, pairs, seed + 40)  # the world's own pairs are seed + 4's
     held_out = read_images(Path(info["held_out"]))
     judge = load_judge(models.judge)
     images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
@@ -206,12 +224,14 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
         start = f"-from{start_steps}" if name in STARTS_FROM and start_steps and start_steps != n else ""
         run_dir = work / (f"diagnostic-{name}-{n}{start}" + ("" if train_seed == seed else f"-seed{train_seed}")
                           + (f"-caption{caption_steps}" if caption_steps else "")
-                          + ("" if backbone_words == "training" else f"-words-{backbone_words}"))
+                          + ("" if backbone_words == "training" else f"-words-{backbone_words}")
+                          + (f"-pairs{pairs}" if pairs else ""))
         if name in STARTS_FROM:
-            _, start_dir = trained(STARTS_FROM[name], start_steps)
+            first = STARTS_FROM[name]
+            start_dir = info["models"]["encoder-omni-attribute"] if first == COMMITTED else trained(first, start_steps)[1]
             overrides = [*overrides, f"adapter.init_from={start_dir / 'adapter.safetensors'}"]
         config = load_config(TRAIN_CONFIG, [
-            f"output_dir={run_dir}", f"data.pairs={data / 'pairs' / 'pairs.jsonl'}", "data.validation_pairs=null",
+            f"output_dir={run_dir}", f"data.pairs={pairs_file}", "data.validation_pairs=null",
             f"backbone.path={models.backbone}", "generator.kind=tiny", f"generator.path={models.generator}",
             f"optim.max_steps={n}", f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
             f"runtime.checkpoint_every={n}", "runtime.log_every=25", "runtime.log_ip_stats=true", f"seed={train_seed}",
@@ -311,14 +331,19 @@ def main() -> None:
                              "backbone) or all, the held-out ones too (the words a real MLLM knows; its own stage)")
     parser.add_argument("--reuse-every", type=int, action="append", default=[], metavar="K",
                         help="also evaluate with the approximate 'reuse Δ every K steps' rule (repeat for several)")
+    parser.add_argument("--pairs", type=int, default=None, metavar="N",
+                        help="train the experiments on N pairs of their own (drawn with another seed) instead of the "
+                             "world's (800 at ci size)")
     add_compute_arguments(parser)
     args = parser.parse_args()
+    if args.pairs is not None and args.pairs < 1:
+        parser.error(f"--pairs {args.pairs}: give at least 1 pair")
     compute = compute_from(args, parser)
     work = (args.work or default_work(args.size)).resolve()
     report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
                  log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out, reuse_every=args.reuse_every,
                  compute=compute, caption_steps=args.caption_steps, start_steps=args.start_steps,
-                 backbone_words=args.backbone_words)
+                 backbone_words=args.backbone_words, pairs=args.pairs)
     print(render(report))
 
 
