@@ -92,6 +92,7 @@ from lab.world.pipeline import (
     default_work,
     evaluate,
     train_world,
+    variant_slug,
 )
 from omni_attribute.images import load_rgb_batch
 from omni_attribute.train.config import load_config
@@ -228,7 +229,7 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
                           + (f"-pairs{pairs}" if pairs else ""))
         if name in STARTS_FROM:
             first = STARTS_FROM[name]
-            start_dir = info["models"]["encoder-omni-attribute"] if first == COMMITTED else trained(first, start_steps)[1]
+            start_dir = info["models"][f"encoder-{variant_slug(OMNI)}"] if first == COMMITTED else trained(first, start_steps)[1]
             overrides = [*overrides, f"adapter.init_from={start_dir / 'adapter.safetensors'}"]
         config = load_config(TRAIN_CONFIG, [
             f"output_dir={run_dir}", f"data.pairs={pairs_file}", "data.validation_pairs=null",
