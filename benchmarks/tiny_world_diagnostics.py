@@ -2,6 +2,7 @@
 
     python benchmarks/tiny_world_diagnostics.py [--experiment NAME ...] [--steps N] [--start-steps N] [--size ci|full|gpu]
                                                 [--work DIR] [--reuse-every K ...] [--caption-steps N] [--pairs N]
+                                                [--second-stage-pairs N]
                                                 [--backbone-words training|all] [--device D] [--bf16]
 
 Every experiment trains with omni-attribute-train's trainer on the world's frozen generator (the stages of
@@ -43,7 +44,10 @@ benchmarks/tiny_world.py, cached in the same --work folder and shared with it), 
 - committed-omni-then-ip: the pipeline's second stage after the committed Omni-Attribute first stage
   (lab/weights: nothing retrained before it). With --pairs N every experiment trains on N pairs of its own,
   drawn with another seed, instead of the world's 800: what more pairs give an IP-Adapter that learns to draw a
-  frozen encoder's tokens (3000 steps on the 800 fitted them and lost background).
+  frozen encoder's tokens (3000 steps on the 800 fitted them and lost background). With --second-stage-pairs N
+  only the second stages do, the first stages train on the world's: the pipeline's split (its "ip_pairs"), e.g.
+  --experiment omni-then-ip --steps 1000 --train-seed 1 --second-stage-pairs 4000 for the committed two stages'
+  twin at another training seed.
 
 Before the experiments, the backbone's read-back: how often the tiny MLLM finds the right value of each factor
 of a held-out image the likeliest, in a caption ("Describe the image:") and in the answer to the factor's
@@ -76,7 +80,7 @@ from safetensors.torch import load_file
 
 from lab.world.captioner import read_back
 from lab.world.judge import load_judge
-from lab.world.pairs import make_pairs, read_images
+from lab.world.pairs import read_images
 from lab.world.pipeline import (
     CPU,
     ENCODER_SETTINGS,
@@ -91,6 +95,7 @@ from lab.world.pipeline import (
     compute_from,
     default_work,
     evaluate,
+    own_pairs,
     train_world,
     variant_slug,
 )
@@ -188,14 +193,16 @@ def ip_curve(metrics_path: Path, points: int = 5) -> list[dict]:
 def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: int, log=print,
         train_seed: int | None = None, out: Path | None = None, reuse_every: list[int] = (),
         compute: Compute = CPU, caption_steps: int | None = None, start_steps: int | None = None,
-        backbone_words: str = "training", pairs: int | None = None) -> dict:
+        backbone_words: str = "training", pairs: int | None = None, second_stage_pairs: int | None = None) -> dict:
     """``seed``: the world's stages (data, generator, …); ``train_seed``: the experiments' training (default: seed);
     ``reuse_every``: each experiment is also evaluated, on the same cases, with the guider's approximate
     "reuse Δ every k steps" rule for each k (issue 13: its composition score against the exact rule's);
     ``caption_steps``: the experiments run on a backbone pre-trained for this many steps instead of the size's;
     ``start_steps``: the steps of the experiment a second stage starts from (default: ``steps``);
     ``backbone_words``: "all" runs them on a backbone pre-trained with every phrasing (the held-out ones too);
-    ``pairs``: the experiments train on this many pairs of their own (another seed) instead of the world's."""
+    ``pairs``: the experiments train on this many pairs of their own (another seed) instead of the world's;
+    ``second_stage_pairs``: the second stages (after a first) train on this many pairs of their own, as the pipeline's
+    second stage does (SIZES' "ip_pairs"), and the first stages on the world's (or ``pairs``)."""
     train_seed = seed if train_seed is None else train_seed
     committed = any(STARTS_FROM.get(name) == COMMITTED for name in names)
     models, info = train_world(size_name, work, seed, variants={OMNI: VARIANTS[OMNI]} if committed else {}, log=log,
@@ -204,10 +211,8 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
     data = Path(info["held_out"]).parents[1]
     pairs_file = data / "pairs" / "pairs.jsonl"
     if pairs:
-        pairs_file = work / f"pairs-{pairs}-seed{seed}" / "pairs.jsonl"
-        if not pairs_file.is_file():
-            log(f"[pairs] drawing {pairs} training pairs in {pairs_file.parent}")
-            make_pairs(pairs_file.parent, pairs, seed + 40)  # the world's own pairs are seed + 4's
+        pairs_file = own_pairs(work, pairs, seed, log)
+    second_pairs_file = own_pairs(work, second_stage_pairs, seed, log) if second_stage_pairs else pairs_file
     held_out = read_images(Path(info["held_out"]))
     judge = load_judge(models.judge)
     images, truth = load_rgb_batch([p for p, _, _ in held_out]), [a for _, a, _ in held_out]
@@ -226,13 +231,15 @@ def run(names: list[str], size_name: str, work: Path, steps: int | None, seed: i
         run_dir = work / (f"diagnostic-{name}-{n}{start}" + ("" if train_seed == seed else f"-seed{train_seed}")
                           + (f"-caption{caption_steps}" if caption_steps else "")
                           + ("" if backbone_words == "training" else f"-words-{backbone_words}")
-                          + (f"-pairs{pairs}" if pairs else ""))
+                          + (f"-pairs{pairs}" if pairs else "")
+                          + (f"-second{second_stage_pairs}" if second_stage_pairs and name in STARTS_FROM else ""))
         if name in STARTS_FROM:
             first = STARTS_FROM[name]
             start_dir = info["models"][f"encoder-{variant_slug(OMNI)}"] if first == COMMITTED else trained(first, start_steps)[1]
             overrides = [*overrides, f"adapter.init_from={start_dir / 'adapter.safetensors'}"]
         config = load_config(TRAIN_CONFIG, [
-            f"output_dir={run_dir}", f"data.pairs={pairs_file}", "data.validation_pairs=null",
+            f"output_dir={run_dir}", f"data.pairs={second_pairs_file if name in STARTS_FROM else pairs_file}",
+            "data.validation_pairs=null",
             f"backbone.path={models.backbone}", "generator.kind=tiny", f"generator.path={models.generator}",
             f"optim.max_steps={n}", f"optim.batch_size={size['encoder_batch']}", "runtime.validate_every=0",
             f"runtime.checkpoint_every={n}", "runtime.log_every=25", "runtime.log_ip_stats=true", f"seed={train_seed}",
@@ -335,16 +342,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=None, metavar="N",
                         help="train the experiments on N pairs of their own (drawn with another seed) instead of the "
                              "world's (800 at ci size)")
+    parser.add_argument("--second-stage-pairs", type=int, default=None, metavar="N",
+                        help="train the second stages on N pairs of their own, the first stages on the world's (or "
+                             "--pairs): the pipeline's split (4000 at ci size)")
     add_compute_arguments(parser)
     args = parser.parse_args()
-    if args.pairs is not None and args.pairs < 1:
-        parser.error(f"--pairs {args.pairs}: give at least 1 pair")
+    for flag, value in (("--pairs", args.pairs), ("--second-stage-pairs", args.second_stage_pairs)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: give at least 1 pair")
     compute = compute_from(args, parser)
     work = (args.work or default_work(args.size)).resolve()
     report = run(args.experiment or list(EXPERIMENTS), args.size, work, args.steps, args.seed,
                  log=lambda m: print(m, flush=True), train_seed=args.train_seed, out=args.out, reuse_every=args.reuse_every,
                  compute=compute, caption_steps=args.caption_steps, start_steps=args.start_steps,
-                 backbone_words=args.backbone_words, pairs=args.pairs)
+                 backbone_words=args.backbone_words, pairs=args.pairs, second_stage_pairs=args.second_stage_pairs)
     print(render(report))
 
 

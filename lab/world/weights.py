@@ -15,7 +15,8 @@ tokenizer that ComfyUI ships.
 The encoders were trained on the committed backbone and generator, bit for bit: their settings name the
 SHA-256 of those two models' weights, and the pipeline uses them only on the same files (a backbone trained
 elsewhere, even from the same seed, may differ in its last bits and then the encoders are trained again). The
-second stages (``ip-<variant>``: each encoder frozen, its IP-Adapter trained on) name their first stage's file too.
+second stages (``ip-<variant>``: each encoder frozen, its IP-Adapter trained on, on pairs of its own: the size's
+"ip_pairs") name their first stage's file too.
 """
 
 from __future__ import annotations

@@ -66,6 +66,19 @@ def test_every_factor_changes_the_picture():
         assert (changed - reference).abs().mean() > 1.0, factor
 
 
+def test_the_second_stage_draws_pairs_of_its_own_once(tmp_path):
+    """own_pairs: another seed than the world's pairs (seed + 4), one cached folder per (count, seed)."""
+    from lab.world.pipeline import own_pairs
+
+    log: list[str] = []
+    path = own_pairs(tmp_path, 6, seed=0, log=log.append)
+    assert len(path.read_text().splitlines()) == 6 and log[-1].startswith("[pairs] running: ")
+    assert own_pairs(tmp_path, 6, seed=0, log=log.append) == path and log[-1].startswith("[pairs] cached: ")
+    world = make_pairs(tmp_path / "world", 6, seed=4)
+    assert path.read_text() != world.read_text()
+    assert own_pairs(tmp_path, 6, seed=1, log=log.append) != path
+
+
 def test_pairs_follow_the_schema_and_the_ground_truth(tmp_path):
     path = make_pairs(tmp_path / "w", 30, seed=7)
     again = make_pairs(tmp_path / "w2", 30, seed=7)
