@@ -64,8 +64,9 @@ SIZES: dict[str, dict] = {
 # "ip_pairs": the second stage's training pairs, drawn apart from the first stage's (another seed; a size without
 # it trains both stages on its "pairs"). Measured at CI size (BENCHMARKS.md, 144 cases, seed 0): on the first
 # stage's 800 pairs the second stage fits them — 3000 steps lose background — and reaches attribute fidelity
-# +0.243 over text only; on 4000 pairs of its own +0.291, background 0.48 → 0.66, composition both 0.208 → 0.243.
-# The first stages keep the world's pairs (their committed weights were trained on them).
+# +0.243 over text only; on 4000 pairs of its own +0.306 (the committed table), background 0.48 → 0.72,
+# composition both 0.208 → 0.236. The first stages keep the world's pairs (their committed weights were trained
+# on them). The gpu size's 20000 is five times ci's, like its other counts, and not measured yet.
 IP_PAIRS_SEED_OFFSET = 40  # the world's own pairs are drawn with seed + 4
 # Each generator caption leaves each factor out with this probability, so prompts that leave a factor to a
 # reference are in its distribution (trained on full captions only, it drew noise for them).
